@@ -132,6 +132,12 @@ class Manifest:
         atomic_write_text(Path(shard_dir) / MANIFEST_NAME, self.to_json())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write via a temp file in the same directory, fsync, then rename: readers never see a partial file."""
     path = Path(path)
@@ -141,6 +147,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; others on a shared cluster must read it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

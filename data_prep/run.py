@@ -1,0 +1,369 @@
+"""PubMed / PMC / plain text -> NVIDIA-compatible BERT pretraining shards.
+
+    python data_prep/run.py INPUT... --output-dir DIR --vocab VOCAB [--lower-case|--cased] [--seq-len 128|512]
+        [--max-predictions N] [--dupe-factor N] [--num-shards N] [--workers N] [--seed N] [--dynamic-masking]
+        [--skip-bad-files]
+
+Runs on one node with a process pool (--workers) and across nodes with `mpirun -n N` (mpi4py; the output
+directory must be on a shared filesystem). The output depends only on the inputs, settings and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python data_prep/run.py`: import siblings as data_prep.x, not as top-level names
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from tqdm import tqdm
+
+from data_prep import contract, shards
+from data_prep.extract import DataError, find_inputs
+from data_prep.instances import InstanceConfig
+from data_prep.wordpiece import load_wordpiece
+from data_prep.work import WorkSettings, group_files, process_group, reset_work_dir
+
+TOOL_VERSION = "biobert-data-prep 0.1.0"
+log = logging.getLogger("data_prep")
+
+
+@dataclass
+class PrepConfig:
+    inputs: list[str]
+    output_dir: str
+    vocab: str
+    lower_case: bool | None = None  # None: follow the vocab
+    seq_len: int = 128
+    max_predictions: int | None = None  # None: 20 for 128, 80 for 512 (NVIDIA's settings)
+    masked_lm_prob: float = 0.15
+    short_seq_prob: float = 0.1
+    dupe_factor: int = 1  # dynamic masking makes copies redundant; use 5-10 for static masking (NVIDIA: 5)
+    num_shards: int | None = None  # None: about 65,536 samples per shard
+    workers: int | None = None  # None: every core (one per MPI rank under mpirun)
+    seed: int = 12345
+    dynamic_masking: bool = False
+    whole_word_masking: bool = False
+    skip_bad_files: bool = False
+    block_docs: int = 2000
+    block_sentences: int = 20000
+    group_mb: float = 4.0
+    progress: bool = True
+    settings: dict = field(default_factory=dict)  # filled by main: what went into the fingerprint
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("no inputs given")
+        if self.max_predictions is None:
+            self.max_predictions = max(1, self.seq_len * 5 // 32)
+        for name in ("dupe_factor", "block_docs", "block_sentences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.num_shards is not None and self.num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {self.num_shards}")
+        self.instance_config()  # validates seq_len, max_predictions, probabilities
+
+    @property
+    def masking(self) -> str:
+        return "dynamic" if self.dynamic_masking else "static"
+
+    def instance_config(self) -> InstanceConfig:
+        return InstanceConfig(
+            seq_len=self.seq_len,
+            max_predictions=self.max_predictions,
+            masked_lm_prob=self.masked_lm_prob,
+            short_seq_prob=self.short_seq_prob,
+            whole_word_masking=self.whole_word_masking,
+            static_masking=not self.dynamic_masking,
+        )
+
+
+def parse_args(argv: list[str] | None) -> PrepConfig:
+    p = argparse.ArgumentParser(prog="data_prep/run.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("inputs", nargs="+", help="files or directories of .xml, .xml.gz, .nxml, .txt")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--vocab", required=True, help="vocab.txt or an HF tokenizer/model directory")
+    case = p.add_mutually_exclusive_group()
+    case.add_argument("--lower-case", dest="lower_case", action="store_true", default=None,
+                      help="lower-case the text (the vocab must be uncased); default: follow the vocab")
+    case.add_argument("--cased", dest="lower_case", action="store_false",
+                      help="keep case (the vocab must be cased, as BioBERT's)")
+    p.add_argument("--seq-len", type=int, default=128, help="128 or 512 (any value in [8, 4096] works)")
+    p.add_argument("--max-predictions", type=int, default=None, help="default: 20 for 128, 80 for 512")
+    p.add_argument("--masked-lm-prob", type=float, default=0.15)
+    p.add_argument("--short-seq-prob", type=float, default=0.1)
+    p.add_argument("--dupe-factor", type=int, default=1,
+                   help="copies of the corpus with different pairs/masks (static masking: 5-10 as in NVIDIA/Google)")
+    p.add_argument("--num-shards", type=int, default=None, help="default: one per 65,536 instances")
+    p.add_argument("--workers", type=int, default=None, help="processes per node (default: all cores)")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--dynamic-masking", action="store_true",
+                   help="store unmasked ids (smaller shards); the loader masks anew each epoch")
+    p.add_argument("--whole-word-masking", action="store_true")
+    p.add_argument("--skip-bad-files", action="store_true", help="log unreadable inputs and go on without them")
+    p.add_argument("--group-mb", type=float, default=4.0, help="input MB per work unit (small files are grouped)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    a = p.parse_args(argv)
+    return PrepConfig(**vars(a))
+
+
+class _Cluster:
+    """The MPI world when launched by mpirun, else a world of one (mpi4py is only imported under mpirun)."""
+
+    def __init__(self) -> None:
+        self.comm = None
+        if any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+            from mpi4py import MPI
+
+            if MPI.COMM_WORLD.Get_size() > 1:
+                self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank() if self.comm else 0
+        self.size = self.comm.Get_size() if self.comm else 1
+
+    def allgather(self, obj):
+        return self.comm.allgather(obj) if self.comm else [obj]
+
+    def bcast(self, obj):
+        return self.comm.bcast(obj, root=0) if self.comm else obj
+
+    def barrier(self) -> None:
+        if self.comm:
+            self.comm.Barrier()
+
+
+def _assign(sizes: list[int], ranks: int) -> list[int]:
+    """Largest task first to the least loaded rank: deterministic, balanced by bytes."""
+    load = [0] * ranks
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
+def _worker_init(vocab: str | None = None, lower_case: bool | None = None) -> None:
+    # One core per worker: the Rust tokenizer would otherwise spawn a thread per core in every worker.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if vocab is not None:
+        try:
+            load_wordpiece(vocab, lower_case)  # cached for the tasks to come
+        except DataError:
+            pass  # the parent reports it
+
+
+def _call(args):
+    fn, *rest = args
+    return fn(*rest)
+
+
+class _Workers:
+    """Runs (fn, *args) tasks in-process (one worker) or in a spawn pool that both phases share: each worker
+    start costs ~1 s of imports and a vocab load, so it happens once."""
+
+    def __init__(self, n: int, vocab: str, lower_case: bool | None) -> None:
+        self.n, self.pool = n, None
+        if n > 1:  # start now: worker start-up (imports, vocab) overlaps with the parent's own set-up
+            self.pool = mp.get_context("spawn").Pool(n, initializer=_worker_init, initargs=(vocab, lower_case))
+
+    def run(self, tasks: list[tuple], desc: str, show: bool) -> list:
+        """Results in task order."""
+        bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not show, leave=False)
+        results = [None] * len(tasks)
+        try:
+            if self.pool is None:  # in-process: the tokenizer may use every core (the benchmark pins it to one)
+                for i, t in enumerate(tasks):
+                    results[i] = _call(t)
+                    bar.update()
+            else:
+                for i, r in self.pool.imap_unordered(_indexed, list(enumerate(tasks))):
+                    results[i] = r
+                    bar.update()
+        finally:
+            bar.close()
+        return results
+
+    def close(self, cancel: bool = False) -> None:
+        if self.pool is not None:
+            self.pool.terminate() if cancel else self.pool.close()
+            self.pool.join()
+
+
+def _indexed(item):
+    i, t = item
+    return i, _call(t)
+
+
+def fingerprint(cfg: PrepConfig, files: list[Path], vocab_hash: str, lower_case: bool) -> str:
+    """Everything the bytes of the output depend on."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("inputs", "output_dir", "vocab", "workers",
+                                                                   "progress", "settings")}
+    settings.update(lower_case=lower_case, vocab_hash=vocab_hash, tool=TOOL_VERSION,
+                    files=[(f.name, f.stat().st_size) for f in files])
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def main(argv: list[str] | PrepConfig | None = None) -> dict:
+    """Run data prep; returns the summary dict. Raises DataError on bad input (the CLI turns it into exit 2)."""
+    cfg = argv if isinstance(argv, PrepConfig) else parse_args(argv)
+    t0 = time.perf_counter()
+    cluster = _Cluster()
+    workers = _Workers(cfg.workers or (1 if cluster.size > 1 else os.cpu_count() or 1), str(cfg.vocab), cfg.lower_case)
+    try:
+        summary = _prepare(cfg, t0, cluster, workers)
+    except BaseException:
+        workers.close(cancel=True)  # do not wait for the other files once one has failed
+        raise
+    workers.close()
+    return summary
+
+
+def _prepare(cfg: PrepConfig, t0: float, cluster: _Cluster, workers: _Workers) -> dict:
+    files = find_inputs(cfg.inputs)
+    vocab = load_wordpiece(str(cfg.vocab), cfg.lower_case)  # fails early on a casing mismatch
+    fp = fingerprint(cfg, files, vocab.vocab_hash, vocab.lower_case)
+    out = Path(cfg.output_dir)
+    summary = dict(docs=0, sentences=0, tokens=0, instances=0, shards=0, skipped_files=[], reused_shards=0,
+                   output_dir=str(out))
+
+    manifest = shards.up_to_date(str(out), fp) if cluster.rank == 0 else None
+    if cluster.bcast(manifest is not None):
+        manifest = cluster.bcast(manifest)
+        summary.update(manifest.settings.get("summary", {}), reused_shards=len(manifest.shards),
+                       shards=len(manifest.shards))
+        return _finish_summary(summary, t0, cluster, up_to_date=True)
+
+    work_dir = out / ".work"
+    if cluster.rank == 0:
+        shards.start_run(str(out), fp)  # from now on the directory is visibly incomplete
+        reset_work_dir(work_dir)
+    cluster.barrier()
+    try:
+        return _build(cfg, t0, cluster, workers, files, vocab, fp, summary)
+    except BaseException:
+        if cluster.rank == 0:
+            shards.abandon_run(str(out))
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+
+
+def _build(cfg: PrepConfig, t0: float, cluster: _Cluster, workers: _Workers, files: list[Path], vocab, fp: str,
+           summary: dict) -> dict:
+    out = Path(cfg.output_dir)
+    work_dir = out / ".work"
+    show = cfg.progress and cluster.rank == 0
+    # Phase 1: groups of input files -> instance blocks.
+    # vocab and lower_case exactly as loaded above: the same load_wordpiece cache key, so no second load
+    settings = WorkSettings(vocab=str(cfg.vocab), lower_case=cfg.lower_case, instance=cfg.instance_config(),
+                            seed=cfg.seed, dupe_factor=cfg.dupe_factor, block_docs=cfg.block_docs,
+                            block_sentences=cfg.block_sentences, skip_bad_files=cfg.skip_bad_files)
+    groups = group_files(files, int(cfg.group_mb * 2**20))
+    owner = _assign([sum(f.stat().st_size for f in g) for g in groups], cluster.size)
+    mine = [(process_group, i, [str(f) for f in g], settings, str(work_dir))
+            for i, g in enumerate(groups) if owner[i] == cluster.rank]
+    results, error = _collective(lambda: workers.run(mine, "documents", show), cluster)
+    if error:
+        raise DataError(error)
+    results = sorted((r for rs in results for r in rs), key=lambda r: r.group)
+    blocks = [b for r in results for b in r.blocks]
+    for key in ("docs", "sentences", "tokens"):
+        summary[key] = sum(getattr(r, key) for r in results)
+    summary["skipped_files"] = [s for r in results for s in r.skipped]
+    total = sum(b.samples for b in blocks)
+    if total == 0:
+        raise DataError(f"no pretraining instances from {len(files)} input file(s): no document had any text")
+    num_shards = cfg.num_shards or max(1, math.ceil(total / 65536))
+    if num_shards > total:
+        raise DataError(f"only {total} instances, fewer than --num-shards {num_shards}")
+
+    # Phase 2: blocks -> shards (any rank can write any shard).
+    ordered = shards.block_order(blocks, cfg.seed)
+    attrs = dict(seq_len=cfg.seq_len, max_predictions=cfg.max_predictions, vocab_hash=vocab.vocab_hash)
+    todo, infos = [], {}
+    for k in range(num_shards):
+        if k % cluster.size != cluster.rank:
+            continue
+        done = shards.completed_shard(str(out), k, num_shards, fp)
+        if done is not None:
+            infos[k] = done
+        else:
+            todo.append((shards.build_shard, str(out), k, num_shards, ordered, cfg.seed, cfg.masking, attrs, fp))
+    written, error = _collective(lambda: workers.run(todo, "shards", show), cluster)
+    if error:
+        raise DataError(error)
+    reused = sum(len(i) for i in cluster.allgather(infos))
+    all_infos = {}
+    for part in cluster.allgather(infos):
+        all_infos.update(part)
+    for rank_written in written:
+        for info in rank_written:
+            all_infos[int(info.file.split("-")[1])] = info
+    summary.update(instances=total, shards=num_shards, reused_shards=reused)
+
+    if cluster.rank == 0:
+        manifest = contract.Manifest(
+            seq_len=cfg.seq_len, max_predictions=cfg.max_predictions, masking=cfg.masking,
+            lower_case=vocab.lower_case, vocab_hash=vocab.vocab_hash, vocab_size=vocab.vocab_size, seed=cfg.seed,
+            tool_version=TOOL_VERSION,
+            settings=dict(fingerprint=fp, dupe_factor=cfg.dupe_factor, masked_lm_prob=cfg.masked_lm_prob,
+                          short_seq_prob=cfg.short_seq_prob, whole_word_masking=cfg.whole_word_masking,
+                          inputs=[str(f) for f in files],
+                          summary={k: summary[k] for k in ("docs", "sentences", "tokens", "instances")}),
+            shards=[all_infos[k] for k in range(num_shards)],
+        )
+        shards.finish(str(out), manifest)
+        shutil.rmtree(work_dir)
+    cluster.barrier()
+    return _finish_summary(summary, t0, cluster)
+
+
+def _collective(fn, cluster: _Cluster):
+    """Run fn on every rank; gather results, or the first error (so no rank waits forever on a failed one)."""
+    try:
+        local, err = fn(), None
+    except DataError as e:
+        local, err = None, str(e)
+    gathered = cluster.allgather((local, err))
+    errors = [e for _, e in gathered if e]
+    return [r for r, _ in gathered], (errors[0] if errors else None)
+
+
+def _finish_summary(summary: dict, t0: float, cluster: _Cluster, up_to_date: bool = False) -> dict:
+    seconds = time.perf_counter() - t0
+    summary.update(seconds=round(seconds, 3), tokens_per_s=round(summary["tokens"] / seconds, 1) if seconds else 0.0,
+                   up_to_date=up_to_date)
+    if cluster.rank == 0:
+        note = " (already complete, nothing to do)" if up_to_date else ""
+        print(f"data_prep: {summary['docs']} docs, {summary['sentences']} sentences, {summary['tokens']} tokens, "
+              f"{summary['instances']} instances, {summary['shards']} shards in {seconds:.1f} s "
+              f"({summary['tokens'] / max(seconds, 1e-9):,.0f} tokens/s) -> {summary['output_dir']}{note}")
+        for s in summary["skipped_files"]:
+            print(f"data_prep: skipped {s}", file=sys.stderr)
+    return summary
+
+
+def cli(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        main(argv)
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,40 @@
+"""vocab.py (train a WordPiece vocab), the demo, and the benchmark script on tiny input."""
+
+from __future__ import annotations
+
+from data_prep import benchmark, contract, demo, run, vocab
+from data_prep.wordpiece import load_wordpiece
+
+
+def test_train_cased_vocab_and_use_it(demo_corpus, tmp_path):
+    assert vocab.main([str(demo_corpus), "--output-dir", str(tmp_path / "v"), "--vocab-size", "600", "--cased",
+                       "--min-frequency", "1"]) == 0
+    tokens = contract.read_vocab_tokens(tmp_path / "v" / "vocab.txt")
+    assert tokens[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and 300 < len(tokens) <= 600
+    assert "TP" in tokens or "TP53" in tokens  # upper case kept
+    wp = load_wordpiece(tmp_path / "v")
+    assert wp.lower_case is False
+    (ids,) = wp.encode(["Metformin lowers glucose."])
+    assert wp.unk_id not in ids
+    s = run.main(run.PrepConfig(inputs=[str(demo_corpus)], output_dir=str(tmp_path / "o"), vocab=str(tmp_path / "v"),
+                                num_shards=1, workers=1, progress=False))
+    assert s["instances"] > 0 and contract.Manifest.load(tmp_path / "o").lower_case is False
+
+
+def test_train_uncased_vocab(demo_corpus, tmp_path):
+    path = vocab.train_vocab([demo_corpus], tmp_path / "u", 500, lower_case=True, min_frequency=1)
+    tokens = contract.read_vocab_tokens(path)
+    assert not any(c.isupper() for t in tokens if not t.startswith("[") for c in t)
+    assert load_wordpiece(tmp_path / "u").lower_case is True
+
+
+def test_demo_main_returns_summary_and_validation(tmp_path, capsys):
+    out = demo.main(tmp_path / "demo")
+    assert out["instances"] > 100 and out["validation"]["samples"] == out["instances"]
+    assert "validate:" in capsys.readouterr().out
+
+
+def test_benchmark_runs_on_tiny_input(demo_corpus, capsys):
+    assert benchmark.main(["--inputs", str(demo_corpus), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "x ceiling" in out and "shard MB/s" in out
