@@ -59,6 +59,11 @@ def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
 
 
 def synthesise_manifest(shard_dir: Path) -> Manifest:
+    unfinished = [p.name for p in shard_dir.iterdir() if p.name.startswith(".shard-") and p.name.endswith(".done.json")]
+    if unfinished or (shard_dir / ".work").is_dir():
+        # data_prep writes manifest.json last: its sidecars without a manifest mean a killed run, not NVIDIA shards
+        raise ValueError(f"{shard_dir}: an unfinished data_prep run (no {contract.MANIFEST_NAME}, but data_prep work "
+                         "files are present); re-run the same data_prep command to finish it")
     files = sorted(p for p in shard_dir.iterdir() if p.suffix in (".hdf5", ".h5") and not p.name.startswith("."))
     if not files:
         raise FileNotFoundError(f"{shard_dir}: no manifest.json and no *.hdf5 / *.h5 shard files")

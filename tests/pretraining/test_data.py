@@ -312,6 +312,13 @@ def test_nvidia_shards_without_manifest(tmp_path):
         assert "shard-00002-of-00003.hdf5" in verify_shards(d, vocab_size=100)[0]
 
 
+def test_unfinished_data_prep_dir_is_not_taken_for_nvidia_shards(tmp_path):
+    d = fresh_shards(tmp_path, manifest=False)
+    (d / ".shard-00000-of-00003.hdf5.done.json").write_text("{}")  # a killed data_prep run leaves these
+    with pytest.raises(ValueError, match="unfinished data_prep run"):
+        loader(d)
+
+
 def test_check_vocab(tmp_path):
     d = fresh_shards(tmp_path)
     manifest = contract.Manifest.load(d)
