@@ -1,0 +1,209 @@
+"""Training throughput, side by side: our engine vs plain HF ``transformers.BertForPreTraining``, same DeepSpeed config.
+
+    python pretraining/benchmark.py --deepspeed_config ds_configs/tiny_cpu.json --model tiny --seq-len 128
+    deepspeed --num_gpus 1 pretraining/benchmark.py --deepspeed_config ds_configs/bert_base_seq512_lamb_bf16.json \\
+        --model base --seq-len 512 [--shards DIR]
+
+Both models get the same weights, optimizer, DeepSpeed config (precision, ZeRO, accumulation) and the same samples.
+Ours receives them as the loader yields them (it drops padding itself); the baseline gets what a plain HF script feeds
+BERT: every sequence padded to --seq-len, labels as a [B, T] tensor with -100 off the masked positions. Samples come
+from --shards (real data_prep shards) or from synthetic shards with variable lengths: 10% uniform in [8, L] (BERT's
+short_seq_prob) and the rest uniform in [L*min_fill, L] (default 0.25: PubMed abstracts rarely fill 512 tokens).
+Reported per model: samples/s, tokens/s (non-padding), TFLOPS and MFU (useful model FLOPs at each sequence's real
+length, pretraining.metrics), then the speed-up ratio. Runs on one process (world size 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+import torch
+
+
+def synthetic_shards(out_dir: Path, seq_len: int, vocab_size: int, samples: int, min_fill: float, seed: int) -> Path:
+    """Dynamic-masking shards whose lengths follow the distribution in the module docstring."""
+    import h5py
+
+    from pretraining import data_synthetic as syn
+
+    syn.write_synthetic_shards(out_dir, num_shards=1, samples_per_shard=samples, seq_len=seq_len,
+                               max_predictions=max(1, round(0.15 * seq_len)), masking="dynamic",
+                               vocab_size=vocab_size, seed=seed)
+    rng = np.random.default_rng(seed)
+    path = next(out_dir.glob("*.hdf5"))
+    with h5py.File(path, "r+") as f:  # re-cut lengths: pad out everything past each sample's new length
+        ids, seg = f["input_ids"][()], f["segment_ids"][()]
+        lengths = rng.integers(int(seq_len * min_fill), seq_len + 1, size=len(ids))
+        short = rng.random(len(ids)) < 0.1
+        lengths[short] = rng.integers(8, seq_len + 1, size=int(short.sum()))
+        pos = np.arange(seq_len)[None, :]
+        real = pos < lengths[:, None]
+        ids[~real] = 0
+        ids[np.arange(len(ids)), lengths - 1] = syn.SEP_ID
+        seg[~real] = 0
+        f["input_ids"][...], f["input_mask"][...], f["segment_ids"][...] = ids, real.astype(np.int8), seg
+    from data_prep import contract
+
+    manifest = contract.Manifest.load(out_dir)
+    manifest.shards[0].sha256 = contract.sha256_file(path)
+    manifest.shards[0].tokens = int(lengths.sum())
+    manifest.save(out_dir)
+    return out_dir
+
+
+def hf_inputs(batch: dict) -> dict:
+    """What a plain HF script passes: padded ids and a [B, T] label tensor."""
+    labels = torch.full_like(batch["input_ids"], -100)
+    used = batch["masked_lm_positions"] != 0
+    rows = torch.arange(labels.shape[0])[:, None].expand_as(used)
+    labels[rows[used], batch["masked_lm_positions"][used]] = batch["masked_lm_ids"][used]
+    return dict(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                attention_mask=batch["attention_mask"], labels=labels,
+                next_sentence_label=batch["next_sentence_labels"])
+
+
+def measure(engine, batches: list[dict], config, steps: int, warmup: int, accum: int, convert, device) -> dict:
+    from pretraining.metrics import batch_flops
+
+    def one_step(group):
+        for b in group:
+            out = engine(**{k: v.to(device) for k, v in convert(b).items()})
+            engine.backward(out["loss"])
+            engine.step()
+
+    groups = [batches[i * accum:(i + 1) * accum] for i in range(warmup + steps)]
+    for g in groups[:warmup]:
+        one_step(g)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for g in groups[warmup:]:
+        one_step(g)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    timed = [b for g in groups[warmup:] for b in g]
+    samples = sum(len(b["input_ids"]) for b in timed)
+    tokens = sum(int(b["attention_mask"].sum()) for b in timed)
+    flops = sum(batch_flops(config, b["attention_mask"], b["masked_lm_positions"]) for b in timed)
+    return dict(samples_per_s=samples / dt, tokens_per_s=tokens / dt, tflops=flops / dt / 1e12, seconds=dt)
+
+
+def main(args: argparse.Namespace) -> dict:
+    import deepspeed
+    import transformers
+    from transformers import BertConfig
+
+    from data_prep.contract import read_vocab_tokens
+    from pretraining import distributed as dist
+    from pretraining.config import PRESETS, BatchConfig, ds_sections_to_run, read_file
+    from pretraining.data import PretrainingLoader
+    from pretraining.metrics import device_name, peak_tflops
+    from pretraining.model import BertForPreTraining, load_pretrained
+    from pretraining.optim import build_optimizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist.init()
+    ds = read_file(args.deepspeed_config)
+    opt = {"name": "lamb", "lr": 1e-4, **ds_sections_to_run(ds, args.deepspeed_config).get("optimizer", {})}
+    ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
+    if args.micro_batch:
+        ds.pop("train_batch_size", None)
+        ds["train_micro_batch_size_per_gpu"] = args.micro_batch
+    batch = BatchConfig(ds.get("train_batch_size"), ds.get("train_micro_batch_size_per_gpu"),
+                        ds.get("gradient_accumulation_steps"))
+    ds.update(batch.resolved(1))
+    accum, micro = batch.grad_accum(1), batch.micro(1)
+    device = dist.device()
+    precision = "fp16" if ds.get("fp16", {}).get("enabled") else "bf16" if ds.get("bf16", {}).get("enabled") else "fp32"
+
+    torch.manual_seed(args.seed)
+    if args.model in PRESETS:
+        vocab = read_vocab_tokens(args.tokenizer) if args.tokenizer else None
+        config = BertConfig(vocab_size=len(vocab) if vocab else 30522, **PRESETS[args.model])
+        ours = BertForPreTraining(config)
+    else:
+        ours = load_pretrained(args.model).train()
+        config = ours.config
+    ours.train()
+    hf = transformers.BertForPreTraining(BertConfig(**{k: v for k, v in config.to_dict().items()
+                                                       if k not in ("pad_vocab_multiple", "activation_checkpointing")}))
+    hf.load_state_dict(ours.state_dict(), strict=False)  # same names; the decoder is tied in both
+    hf.train()
+
+    n_batches = (args.steps + args.warmup) * accum
+    with tempfile.TemporaryDirectory() as tmp:
+        shard_dir = Path(args.shards) if args.shards else synthetic_shards(
+            Path(tmp) / "shards", args.seq_len, config.vocab_size, n_batches * micro, args.min_fill, args.seed)
+        loader = PretrainingLoader(shard_dir, micro_batch_size=micro, grad_accum_steps=accum, rank=0, world_size=1,
+                                   seed=args.seed, vocab_size=config.vocab_size)
+        it = iter(loader)
+        batches = [next(it) for _ in range(n_batches)]
+        loader.close()
+    for b in batches:
+        b.pop("sample_ids")
+    peak, peak_source = peak_tflops(device_name(), precision, args.peak_tflops)
+
+    results = {}
+    for name, model, convert in (("ours", ours, lambda b: b), ("hf_baseline", hf, hf_inputs)):
+        if args.only and name != args.only:
+            continue
+        optimizer = build_optimizer(model, opt["name"], opt["lr"], opt.get("betas", (0.9, 0.999)),
+                                    opt.get("eps", 1e-6), opt.get("weight_decay", 0.01), device_type=device.type)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=dict(ds))
+        r = measure(engine, batches, config, args.steps, args.warmup, accum, convert, device)
+        r["mfu"] = r["tflops"] / peak if peak == peak else None
+        results[name] = r
+        del engine, optimizer
+    seq = batches[0]["input_ids"].shape[1]
+    fill = float(np.mean([float(b["attention_mask"].float().mean()) for b in batches]))
+    report = dict(device=device_name(), precision=precision, model=args.model, seq_len=seq, micro_batch=micro,
+                  grad_accum=accum, fill=fill, peak_tflops=peak, peak_source=peak_source, results=results,
+                  data=str(args.shards or f"synthetic (min_fill {args.min_fill})"), torch_threads=torch.get_num_threads())
+    if "ours" in results and "hf_baseline" in results:
+        report["speedup"] = results["ours"]["samples_per_s"] / results["hf_baseline"]["samples_per_s"]
+    print(f"device {report['device']} | {precision} | model {args.model} | seq {seq} | micro {micro} x accum {accum} | "
+          f"non-padding fill {fill:.2f} | peak {peak:.3g} TFLOPS ({peak_source})")
+    for name, r in results.items():
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        print(f"  {name:12s} {r['samples_per_s']:9.2f} samples/s {r['tokens_per_s']:11.0f} tokens/s "
+              f"{r['tflops']:8.4f} TFLOPS  MFU {mfu}")
+    if "speedup" in report:
+        print(f"  speed-up (ours / HF baseline, samples/s): {report['speedup']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--deepspeed_config", required=True)
+    p.add_argument("--model", default="tiny", help="tiny|base|large (random init) or an HF BERT directory")
+    p.add_argument("--tokenizer", default=None, help="vocab for presets (default: 30522 tokens, BERT uncased size)")
+    p.add_argument("--seq-len", type=int, default=128, help="synthetic shards only")
+    p.add_argument("--micro-batch", type=int, default=None, help="override train_micro_batch_size_per_gpu")
+    p.add_argument("--min-fill", type=float, default=0.25)
+    p.add_argument("--shards", default=None, help="real shards instead of synthetic ones")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--only", choices=("ours", "hf_baseline"), default=None)
+    p.add_argument("--json", default=None, help="also write the report here")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

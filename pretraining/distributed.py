@@ -1,0 +1,133 @@
+"""Process-group wiring: rank discovery from any launcher, DeepSpeed init, and the few collectives the engine needs.
+
+Launchers and the variables they set (first match wins):
+  deepspeed / torchrun / torch.distributed.run:  RANK, LOCAL_RANK, WORLD_SIZE (+ MASTER_ADDR/MASTER_PORT)
+  srun (Slurm):                                  SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS (master: first node of
+                                                 SLURM_STEP_NODELIST/SLURM_JOB_NODELIST unless MASTER_ADDR is set)
+  mpirun (Open MPI):                             OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_LOCAL_RANK, OMPI_COMM_WORLD_SIZE
+  mpirun (MPICH / Intel MPI):                    PMI_RANK, MPI_LOCALRANKID, PMI_SIZE
+  plain `python`:                                one process; a private tcp:// rendezvous on a free local port
+For launched ranks the discovered values are exported as RANK/LOCAL_RANK/WORLD_SIZE (torch's env:// rendezvous).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+
+_SOURCES = (  # (launcher, rank, local rank, world size)
+    ("torchrun/deepspeed", "RANK", "LOCAL_RANK", "WORLD_SIZE"),
+    ("srun", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ("mpich", "PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
+)
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    launcher: str
+
+
+def discover(environ: dict | None = None) -> DistEnv:
+    env = os.environ if environ is None else environ
+    for launcher, rank, local, world in _SOURCES:
+        if rank in env and world in env:
+            return DistEnv(int(env[rank]), int(env.get(local, 0)), int(env[world]), launcher)
+    return DistEnv(0, 0, 1, "python")
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """'gpu[03-05,07],cpu1' -> 'gpu03' (enough of Slurm's hostlist syntax to find the first node)."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        return "127.0.0.1"
+    prefix, ranges = m.group(1), m.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(timeout_minutes: int = 30) -> DistEnv:
+    """Initialise torch.distributed through DeepSpeed (backend: nccl on CUDA, ccl/gloo on CPU). Idempotent."""
+    from datetime import timedelta
+
+    import deepspeed
+
+    d = discover()
+    timeout = timedelta(minutes=timeout_minutes)
+    if d.launcher == "python":
+        # One process: a private tcp:// rendezvous on a free port, and no RANK/WORLD_SIZE exported, so processes
+        # started from here (tests, mpirun from a notebook) do not inherit a stale "rank 0 of 1".
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine and ZeRO-3 read it
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timeout, rank=0, world_size=1,
+                                       init_method=f"tcp://127.0.0.1:{_free_port()}")
+        return d
+    os.environ.update(RANK=str(d.rank), LOCAL_RANK=str(d.local_rank), WORLD_SIZE=str(d.world_size))
+    if d.launcher == "srun" and "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = _first_slurm_host(
+            os.environ.get("SLURM_STEP_NODELIST", os.environ.get("SLURM_JOB_NODELIST", "")))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(DEFAULT_PORT))  # every rank must agree: a fixed default
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timeout)
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cuda":
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    name = acc.device_name()
+    return torch.device(name, acc.current_device()) if name != "cpu" else torch.device("cpu")
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def all_gather_object(obj) -> list:
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t

@@ -1,0 +1,152 @@
+"""Per-step metrics to the console (tqdm), TensorBoard and ``metrics.jsonl``; throughput, TFLOPS and MFU.
+
+MFU = achieved model FLOPs / device peak. Model FLOPs come from ``model.training_flops_per_sequence`` evaluated at each
+sequence's real (non-padding) length and real number of masked positions, i.e. useful work only: an engine that
+computes on padding gets no credit for it. Peak per device (dense tensor-core TFLOPS, from the vendors' data sheets):
+the table below, matched on the accelerator's name, for the run's precision. On CPU there is no data sheet to match,
+so the peak is ``logging.peak_tflops`` when set, else a quick probe: the best of a few 1024x1024 fp32 matmuls on this
+process's threads (so CPU MFU reads "fraction of what a plain matmul achieves here", not of a marketing figure).
+Only rank 0 writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+# name substring -> {precision: dense TFLOPS}; fp32 on Ampere+ counts TF32 tensor cores (torch's default for matmul
+# is IEEE fp32 unless allow_tf32 is set; we report against TF32 because that is what a tuned run uses).
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},  # SXM / HBM3
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+    "V100": {"bf16": 125.0, "fp16": 125.0, "fp32": 15.7},  # no bf16 tensor cores: bf16 would be emulated
+}
+
+
+def peak_tflops(device_name: str, precision: str, override: float | None = None) -> tuple[float, str]:
+    """(peak TFLOPS, where the number came from)."""
+    if override:
+        return float(override), "config logging.peak_tflops"
+    for key, table in PEAK_TFLOPS.items():  # ordered: "H100 PCIe" before "H100"
+        if key.lower() in device_name.lower():
+            return table[precision], f"table {key} {precision}"
+    if "cpu" in device_name.lower():
+        return cpu_matmul_tflops(), "cpu matmul probe"
+    return float("nan"), f"unknown device {device_name!r}: set logging.peak_tflops"
+
+
+@lru_cache(maxsize=1)
+def cpu_matmul_tflops(n: int = 1024, repeats: int = 5) -> float:
+    g = torch.Generator().manual_seed(0)  # never touch the global RNG: a probe must not change a run's dropout
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a @ b  # warm-up: thread pool, caches
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e12
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
+def batch_flops(config, attention_mask: torch.Tensor, masked_lm_positions: torch.Tensor | None) -> float:
+    """Useful training FLOPs of one micro-batch: each sequence at its real length and real masked count."""
+    from pretraining.model import training_flops_per_sequence
+
+    lengths = attention_mask.sum(1).tolist()
+    masked = (masked_lm_positions != 0).sum(1).tolist() if masked_lm_positions is not None else [None] * len(lengths)
+    return sum(training_flops_per_sequence(config, int(t), None if m is None else int(m))
+               for t, m in zip(lengths, masked))
+
+
+class MetricsLogger:
+    """``log(step, record)`` once per optimizer step; ``summary()`` at the end. Inactive (no I/O) off rank 0."""
+
+    def __init__(self, out_dir: str | Path, *, active: bool, start_step: int, max_steps: int, peak: float,
+                 peak_source: str, every_steps: int = 1, progress_bar: bool = True, tensorboard: bool = True):
+        self.active, self.every = active, every_steps
+        self.peak, self.peak_source = peak, peak_source
+        self.start_step, self.max_steps = start_step, max_steps
+        self.records: list[dict] = []
+        self.jsonl = self.tb = self.bar = None
+        self.t_start = time.perf_counter()
+        if not active:
+            return
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1, encoding="utf-8")  # appends across resumes
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        if progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, record: dict) -> dict:
+        """Adds throughput figures to ``record`` (which has samples, tokens, flops, step_time, data_wait)."""
+        t = record["step_time"]
+        record["samples_per_s"] = record["samples"] / t
+        record["tokens_per_s"] = record["tokens"] / t
+        record["tflops"] = record["flops"] / t / 1e12
+        record["mfu"] = record["tflops"] / self.peak if self.peak and math.isfinite(self.peak) else None
+        record = {"step": step, **record}
+        self.records.append(record)
+        if not self.active:
+            return record
+        self.jsonl.write(json.dumps(record) + "\n")
+        if step % self.every == 0 or step == self.max_steps:
+            if self.tb is not None:
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)) and v is not None:
+                        self.tb.add_scalar(f"train/{k}", v, step)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['mlm_acc']:.3f}",
+                                     lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}", refresh=False)
+        if self.bar is not None:
+            self.bar.update(1)
+        return record
+
+    def summary(self, **extra) -> dict:
+        recs = self.records[1:] or self.records  # the first step pays for warm-up/compilation
+        out: dict = {"steps": len(self.records), "wall_s": time.perf_counter() - self.t_start, **extra}
+        if recs:
+            total_t = sum(r["step_time"] for r in recs)
+            out.update(
+                first_loss=self.records[0]["loss"], final_loss=self.records[-1]["loss"],
+                final_mlm_acc=self.records[-1]["mlm_acc"],
+                samples_per_s=sum(r["samples"] for r in recs) / total_t,
+                tokens_per_s=sum(r["tokens"] for r in recs) / total_t,
+                tflops=sum(r["flops"] for r in recs) / total_t / 1e12,
+                data_wait_fraction=sum(r["data_wait"] for r in recs) / total_t,
+                skipped_steps=self.records[-1].get("skipped_steps", 0),
+                peak_tflops=self.peak, peak_source=self.peak_source,
+            )
+            out["mfu"] = out["tflops"] / self.peak if self.peak and math.isfinite(self.peak) else None
+        return out
+
+    def close(self, summary: dict | None = None) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if summary is not None:
+            self.jsonl.write(json.dumps({"summary": summary}) + "\n")
+            lines = [f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()]
+            print("run summary | " + " | ".join(lines), flush=True)
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,239 @@
+"""The pretraining engine: build (model, data, optimizer, DeepSpeed engine), resume, train, checkpoint. ``main(cfg)``.
+
+One optimizer step = ``grad_accum`` micro-batches through ``engine.forward/backward/step`` (DeepSpeed owns the
+accumulation boundary, loss scaling, clipping, ZeRO and the LR scheduler step), then ONE small all-reduce that carries
+the step's metrics and the stop/save decisions, so every rank always takes the same branch (a rank that got SIGTERM
+cannot start a save alone and deadlock the others).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretraining import checkpoint as ckpt
+from pretraining import distributed as dist
+from pretraining.config import PRESETS, RunConfig
+from pretraining.metrics import MetricsLogger, batch_flops, device_name, peak_tflops
+
+log = logging.getLogger(__name__)
+
+# Exit code after a SIGTERM/SIGUSR1-triggered checkpoint (EX_TEMPFAIL: "try again later"): requeue the job and it
+# resumes from that checkpoint. 0 = finished, anything else = failure.
+EXIT_PREEMPTED = 75
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_stop_requested: list[int] = []  # signal numbers received; the handler only appends (async-signal safe enough)
+
+# slots of the per-step all-reduce
+_LOSS, _MLM, _NSP, _CORRECT, _COUNT, _TOKENS, _SAMPLES, _FLOPS, _STOP, _SAVE_DUE, _N = range(11)
+_LOSS_KEYS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count")  # model outputs, in slots 0..4
+
+
+def _on_signal(signum, frame):
+    _stop_requested.append(signum)
+
+
+def _loss_scale(optimizer) -> float | None:
+    """fp16 dynamic loss scale: ZeRO optimizers expose cur_scale, the non-ZeRO fp16 optimizer keeps it in a config."""
+    for holder in (optimizer, getattr(optimizer, "loss_scale_config", None), getattr(optimizer, "loss_scaler", None)):
+        value = getattr(holder, "cur_scale", None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def build_model(cfg: RunConfig):
+    """-> (model, tokenizer dir). Continued pretraining from an HF dir, or a preset from scratch (seeded)."""
+    from pretraining.hub import resolve_model_dir
+    from pretraining.model import BertForPreTraining, load_pretrained
+
+    m = cfg.model
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
+    if m.init:
+        model_dir = resolve_model_dir(m.init)
+        model = load_pretrained(model_dir, **m.overrides).train()
+        return model, Path(m.tokenizer) if m.tokenizer else model_dir
+    from transformers import BertConfig
+
+    from data_prep.contract import read_vocab_tokens
+
+    tokenizer = Path(m.tokenizer) if m.tokenizer else resolve_model_dir("minilm")
+    config = BertConfig(vocab_size=len(read_vocab_tokens(tokenizer)), **{**PRESETS[m.preset], **m.overrides})
+    return BertForPreTraining(config).train(), tokenizer
+
+
+def build_loader(cfg: RunConfig, model_config, tokenizer_dir, start_sample: int, exclude=()):
+    from data_prep.contract import read_vocab_tokens
+    from pretraining.data import PretrainingLoader
+
+    world = dist.world_size()
+    vocab = {t: i for i, t in enumerate(read_vocab_tokens(tokenizer_dir))}
+    special = [vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab]
+    return PretrainingLoader(
+        cfg.data.shard_dir, micro_batch_size=cfg.batch.micro(world), grad_accum_steps=cfg.grad_accum(world),
+        rank=dist.rank(), world_size=world, seed=cfg.seed, start_sample=start_sample,
+        masked_lm_prob=cfg.data.masked_lm_prob, max_predictions=cfg.data.max_predictions,
+        vocab_size=model_config.vocab_size, special_token_ids=special, mask_token_id=vocab.get("[MASK]"),
+        prefetch=cfg.data.prefetch, skip_bad_shards=cfg.data.skip_bad_shards, exclude_shards=exclude,
+        pin_memory=True)  # only takes effect on CUDA: lets the .to(device, non_blocking=True) copies overlap
+
+
+def preflight(cfg: RunConfig, model_config, tokenizer_dir) -> list[str]:
+    """Vocab and shard checks before any step. Verification is split across ranks and the findings all-gathered, so
+    every rank raises the same error. Returns the bad shard files when data.skip_bad_shards allows going on."""
+    from pretraining.data import check_vocab, verify_shards
+    from pretraining.data_shards import load_manifest
+
+    manifest = load_manifest(cfg.data.shard_dir)
+    check_vocab(manifest, tokenizer_dir, model_config.vocab_size)
+    if not cfg.data.verify:
+        return []
+    mine = verify_shards(cfg.data.shard_dir, manifest, range(dist.rank(), len(manifest.shards), dist.world_size()),
+                         vocab_size=model_config.vocab_size)
+    errors = [e for part in dist.all_gather_object([(getattr(e, "file", ""), str(e)) for e in mine]) for e in part]
+    if errors and not cfg.data.skip_bad_shards:
+        raise ValueError(f"shard verification failed in {cfg.data.shard_dir} (nothing was trained):\n  "
+                         + "\n  ".join(msg for _, msg in errors))
+    for _, msg in errors:
+        log.warning("skipping bad shard: %s", msg)
+    return sorted({f for f, _ in errors})
+
+
+def main(cfg: RunConfig, on_step=None) -> dict:
+    """Train to cfg.max_steps (or until SIGTERM/SIGUSR1). ``on_step(step, engine)``: test hook run before each step."""
+    # Handlers first: a signal during the (slow) setup must become a clean stop at step 1, not a dead rank.
+    _stop_requested.clear()
+    previous = {sig: signal.signal(sig, _on_signal) for sig in _STOP_SIGNALS}
+    try:
+        return _train(cfg, on_step)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train(cfg: RunConfig, on_step) -> dict:
+    import deepspeed
+
+    from pretraining.optim import build_optimizer, build_scheduler
+
+    env = dist.init()
+    rank, world = env.rank, env.world_size
+    accum, micro = cfg.grad_accum(world), cfg.batch.micro(world)
+    global_batch = micro * accum * world
+    # our optimizer goes in as a client optimizer; ZeRO only accepts those it was tested with unless told otherwise
+    ds_config = {"zero_allow_untested_optimizer": True, **cfg.deepspeed, **cfg.batch.resolved(world)}
+    device = dist.device()
+
+    model, tokenizer_dir = build_model(cfg)
+    bad_shards = preflight(cfg, model.config, tokenizer_dir)
+
+    resume_from = None
+    if cfg.checkpoint.resume == "auto":  # rank 0 alone looks (and cleans up), everyone gets its answer
+        found = None
+        if rank == 0:
+            ckpt.discard_incomplete(cfg.checkpoint_dir)
+            found = ckpt.latest_complete(cfg.checkpoint_dir)
+        resume_from = dist.broadcast_object(found)
+    elif cfg.checkpoint.resume != "never":
+        resume_from = ckpt.resolve(cfg.checkpoint.resume)
+
+    o, s = cfg.optimizer, cfg.schedule
+    optimizer = build_optimizer(model, o.name, o.lr, o.betas, o.eps, o.weight_decay, device_type=device.type)
+    scheduler = build_scheduler(optimizer, s.warmup_steps, s.total_steps, s.kind, s.power)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    # A different dropout stream per rank; a resumed run restores the saved streams instead.
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + 1000 + rank)
+
+    step = 0
+    if resume_from is not None:
+        state = ckpt.load(engine, resume_from)  # DeepSpeed restores optimizer, scheduler and its skipped-step count
+        step = state["step"]
+        if state["global_batch_size"] != global_batch:
+            raise ValueError(f"{resume_from} was trained with global batch {state['global_batch_size']}, this run "
+                             f"has {global_batch}: the data position and schedule would not line up")
+        if rank == 0:
+            log.warning("resumed from %s at step %d (%d samples consumed)", resume_from, step, state["samples_consumed"])
+    loader = build_loader(cfg, model.config, tokenizer_dir, step * global_batch, exclude=bad_shards)
+    batches = iter(loader)
+
+    peak, peak_source = peak_tflops(device_name(), cfg.precision, cfg.logging.peak_tflops)
+    metrics = MetricsLogger(cfg.output_dir, active=rank == 0, start_step=step, max_steps=cfg.max_steps, peak=peak,
+                            peak_source=peak_source, every_steps=cfg.logging.every_steps,
+                            progress_bar=cfg.logging.progress_bar, tensorboard=cfg.logging.tensorboard)
+    fp16 = cfg.precision == "fp16"
+    losses, last_saved, saved_at_time, stopped = [], None, time.monotonic(), False
+    nonfinite_streak = 0
+    try:
+        while step < cfg.max_steps and not stopped:
+            if on_step is not None:
+                on_step(step + 1, engine)
+            t0, data_wait, lr = time.perf_counter(), 0.0, scheduler.get_last_lr()[0]
+            stats = torch.zeros(_N, dtype=torch.float64)
+            loss_sums = torch.zeros(len(_LOSS_KEYS), dtype=torch.float64, device=device)  # no host sync per micro
+            for _ in range(accum):
+                t = time.perf_counter()
+                batch = next(batches)
+                data_wait += time.perf_counter() - t
+                sample_ids = batch.pop("sample_ids")
+                stats[_TOKENS] += batch["attention_mask"].sum()
+                stats[_SAMPLES] += len(sample_ids)
+                stats[_FLOPS] += batch_flops(model.config, batch["attention_mask"], batch["masked_lm_positions"])
+                out = engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
+                engine.backward(out["loss"])
+                engine.step()
+                loss_sums += torch.stack([out[key].detach().double() for key in _LOSS_KEYS])
+            step += 1
+            stats[: len(_LOSS_KEYS)] = loss_sums.cpu()
+            stats[_STOP] = float(bool(_stop_requested))
+            every_min = cfg.checkpoint.every_minutes
+            stats[_SAVE_DUE] = float(rank == 0 and every_min > 0 and time.monotonic() - saved_at_time >= every_min * 60)
+            stats = dist.all_reduce_sum(stats.to(device)).cpu()  # the only collective we add per step
+            loss = float(stats[_LOSS]) / (accum * world)
+            if not math.isfinite(loss):
+                nonfinite_streak += 1
+                if not fp16 or nonfinite_streak > 10:  # fp16: loss scaling gets its chance (skipped steps) first
+                    local = float(out["loss"])
+                    raise FloatingPointError(
+                        f"non-finite loss at step {step} (rank {rank}: last micro-batch loss {local}, sample ids "
+                        f"{sample_ids[:8].tolist()}{' - this rank' if not math.isfinite(local) else ''}; shards "
+                        f"{cfg.data.shard_dir}). Lower the lr, enable clipping, or inspect those samples.")
+            else:
+                nonfinite_streak = 0
+            losses.append(loss)
+            scale = _loss_scale(engine.optimizer) if fp16 else None
+            grad_norm = engine.get_global_grad_norm()
+            metrics.log(step, dict(
+                loss=loss, mlm_loss=float(stats[_MLM]) / (accum * world), nsp_loss=float(stats[_NSP]) / (accum * world),
+                mlm_acc=float(stats[_CORRECT]) / max(float(stats[_COUNT]), 1.0), lr=lr,
+                grad_norm=None if grad_norm is None else float(grad_norm), loss_scale=scale,
+                skipped_steps=engine.skipped_steps, samples=float(stats[_SAMPLES]),
+                tokens=float(stats[_TOKENS]), flops=float(stats[_FLOPS]), step_time=time.perf_counter() - t0,
+                data_wait=data_wait, compute_time=time.perf_counter() - t0 - data_wait,
+                samples_consumed=step * global_batch))
+            stopped = bool(stats[_STOP] > 0)
+            every = cfg.checkpoint.every_steps
+            if stopped or stats[_SAVE_DUE] > 0 or step == cfg.max_steps or (every and step % every == 0):
+                client = dict(step=step, samples_consumed=step * global_batch, global_batch_size=global_batch,
+                              overflow_steps_skipped=engine.skipped_steps, loader_start_sample=step * global_batch,
+                              run_config=cfg.to_dict())
+                last_saved = ckpt.save(engine, cfg.checkpoint_dir, step, client, hf_config=model.config,
+                                       tokenizer_dir=tokenizer_dir, keep_last=cfg.checkpoint.keep_last)
+                saved_at_time = time.monotonic()
+    finally:
+        loader.close()
+    summary = metrics.summary(final_step=step, skipped_steps=engine.skipped_steps,
+                              bad_shards=len(bad_shards), preempted=stopped)
+    metrics.close(summary)
+    dist.barrier()
+    return dict(losses=losses, step=step, samples_consumed=step * global_batch, checkpoint=last_saved,
+                resumed_from=resume_from, preempted=stopped, exit_code=EXIT_PREEMPTED if stopped else 0,
+                summary=summary, records=metrics.records, engine=engine)
