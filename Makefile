@@ -23,7 +23,7 @@ slurm:
 		|| echo "warning: could not install slurm-wlm; SLURM launcher tests will skip"; fi
 
 demo: $(STAMP)
-	$(PY) -m data_prep.demo --output-dir demo_out
+	$(PY) launch/pipeline.py --output-dir demo_out
 
 test: $(STAMP) slurm
 	$(VENV)/bin/ruff check .

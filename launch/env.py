@@ -1,0 +1,305 @@
+"""What a launch will look like, derived before it spends GPU hours: hosts, ranks per node, world size, master
+address/port, DeepSpeed hostfile, accelerator (and, given the configs, the batch split for that world size).
+
+    python launch/env.py                                  # inside `salloc`/sbatch, under mpirun, or on a laptop
+    python launch/env.py --nproc-per-node 8 --hostfile hostfile.txt
+    python launch/env.py --config RUN.yaml --deepspeed_config X.json [k=v ...]  # + global/micro/accum check
+    python launch/env.py --shell                          # `export ...` lines for a batch script to eval
+    srun python launch/env.py --json                      # what each task would see (rank via pretraining's discover)
+
+Sources, first match wins:
+  hosts:          SLURM_JOB_NODELIST (Slurm hostlist syntax: gpu[01-04,07],rack[1-2]-n[1-2]) | $HOSTFILE (DeepSpeed/
+                  Open MPI "host slots=N" lines) | this host
+  ranks per node: --nproc-per-node / $NPROC_PER_NODE | SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE ("8(x4)") |
+                  slots= in $HOSTFILE | GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES, nvidia-smi -L) | 1
+  master:         $MASTER_ADDR | first host (127.0.0.1 on one host without Slurm); $MASTER_PORT | 20000 + job id
+                  mod 20000 under Slurm (all nodes agree; two jobs sharing a node do not collide) | 29500
+  accelerator:    $DS_ACCELERATOR | $DEVICE (cpu, cuda/gpu) | cuda when a GPU is visible, else cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEFAULT_PORT = 29500
+
+
+# ---------------------------------------------------------------- Slurm syntax
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets: 'a[1,3],b' -> ['a[1,3]', 'b']."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in hostlist {text!r}")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise ValueError(f"unbalanced '[' in hostlist {text!r}")
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_range(body: str, where: str) -> list[str]:
+    out = []
+    for item in body.split(","):
+        lo, sep, hi = item.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"bad range {item!r} in hostlist {where!r}")
+        if not sep:
+            out.append(lo)
+            continue
+        if int(hi) < int(lo):
+            raise ValueError(f"descending range {item!r} in hostlist {where!r}")
+        width = len(lo)  # zero padding follows the lower bound, as Slurm does: [08-11] -> 08 09 10 11
+        out.extend(f"{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
+    return out
+
+
+def expand_hostlist(text: str) -> list[str]:
+    """Slurm hostlist -> host names, in Slurm's order ('gpu[01-02],cpu[1,3]' -> gpu01 gpu02 cpu1 cpu3).
+    Several bracket groups in one name expand as a product (rack[1-2]-n[1-2] -> rack1-n1 rack1-n2 rack2-n1 ...)."""
+    hosts: list[str] = []
+    for item in _split_top_level(text):
+        pieces = re.split(r"(\[[^\]]*\])", item)
+        choices = [_expand_range(p[1:-1], text) if p.startswith("[") else [p] for p in pieces if p]
+        hosts.extend("".join(combo) for combo in itertools.product(*choices))
+    return hosts
+
+
+def expand_tasks_per_node(text: str) -> list[int]:
+    """SLURM_TASKS_PER_NODE / SLURM_JOB_CPUS_PER_NODE syntax: '8(x2),4' -> [8, 8, 4]."""
+    out: list[int] = []
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if not m:
+            raise ValueError(f"bad tasks-per-node value {text!r}")
+        out.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return out
+
+
+def read_hostfile(path: str | os.PathLike) -> list[tuple[str, int]]:
+    """DeepSpeed / Open MPI hostfile: 'host slots=N' per line, '#' comments; a host without slots= counts 1."""
+    hosts = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        host, *options = line.split("#", 1)[0].split() or [None]
+        if host is None:
+            continue
+        slots = 1
+        for opt in options:
+            key, _, value = opt.partition("=")
+            if key == "slots":
+                if not value.isdigit() or int(value) < 1:
+                    raise ValueError(f"{path}:{n}: slots must be a positive integer, got {opt!r}")
+                slots = int(value)
+        hosts.append((host, slots))
+    if not hosts:
+        raise ValueError(f"{path}: no hosts")
+    return hosts
+
+
+def format_hostfile(hosts: list[str], slots: list[int]) -> str:
+    return "".join(f"{h} slots={s}\n" for h, s in zip(hosts, slots))
+
+
+# ---------------------------------------------------------------- derivation
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    scheduler: str  # slurm | hostfile | local
+    hosts: list[str]
+    slots: list[int]  # ranks per host, same order
+    master_addr: str
+    master_port: int
+    accelerator: str  # cuda | cpu
+    job_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.hosts) != len(self.slots):
+            raise ValueError(f"{len(self.hosts)} hosts but ranks-per-node given for {len(self.slots)}: "
+                             f"{self.hosts} vs {self.slots}")
+        if not self.hosts or min(self.slots) < 1:
+            raise ValueError(f"need at least one host and one rank per host, got {self.hosts} {self.slots}")
+
+    @property
+    def world_size(self) -> int:
+        return sum(self.slots)
+
+    @property
+    def nproc_per_node(self) -> int:
+        """Ranks per node when uniform (what `deepspeed --num_gpus` and `torchrun` take); else the first node's."""
+        return self.slots[0]
+
+    @property
+    def hostfile(self) -> str:
+        return format_hostfile(self.hosts, self.slots)
+
+    def shell(self) -> str:
+        values = dict(MASTER_ADDR=self.master_addr, MASTER_PORT=self.master_port, NNODES=len(self.hosts),
+                      NPROC_PER_NODE=self.nproc_per_node, WORLD_SIZE_PLANNED=self.world_size,
+                      LAUNCH_ACCELERATOR=self.accelerator)
+        if self.accelerator == "cpu":
+            values["DS_ACCELERATOR"] = "cpu"
+        return "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in values.items())
+
+    def describe(self) -> str:
+        uniform = len(set(self.slots)) == 1
+        lines = [
+            f"scheduler      : {self.scheduler}" + (f" (job {self.job_id})" if self.job_id else ""),
+            f"hosts          : {len(self.hosts)}: {' '.join(self.hosts[:8])}{' ...' if len(self.hosts) > 8 else ''}",
+            f"ranks per node : {self.nproc_per_node if uniform else self.slots}",
+            f"world size     : {self.world_size}",
+            f"master         : {self.master_addr}:{self.master_port}",
+            f"accelerator    : {self.accelerator}" + (" (DS_ACCELERATOR=cpu)" if self.accelerator == "cpu" else ""),
+            "hostfile       :",
+            *("    " + line for line in self.hostfile.splitlines()),
+        ]
+        return "\n".join(lines)
+
+
+def _gpu_count(env: dict) -> int:
+    for key in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        if env.get(key):
+            m = re.search(r"(\d+)\s*$", env[key])  # "4" or "a100:4"
+            if m:
+                return int(m.group(1))
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return 0
+        return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    return 0
+
+
+def _accelerator(env: dict, gpus: int) -> str:
+    if env.get("DS_ACCELERATOR"):
+        return env["DS_ACCELERATOR"]
+    device = env.get("DEVICE", "auto").lower()
+    if device in ("gpu", "cuda"):
+        return "cuda"
+    if device == "cpu":
+        return "cpu"
+    if device != "auto":
+        raise ValueError(f"DEVICE={device!r}: expected auto, cpu or cuda")
+    return "cuda" if gpus > 0 else "cpu"
+
+
+def derive(environ: dict | None = None, nproc_per_node: int | None = None) -> LaunchPlan:
+    """The launch plan from a Slurm allocation, a hostfile or this host (see the module docstring for precedence)."""
+    env = dict(os.environ if environ is None else environ)
+    if nproc_per_node is None and env.get("NPROC_PER_NODE"):
+        nproc_per_node = int(env["NPROC_PER_NODE"])
+    gpus = _gpu_count(env)
+    job_id = env.get("SLURM_JOB_ID")
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if nodelist:
+        scheduler, hosts = "slurm", expand_hostlist(nodelist)
+        if nproc_per_node:
+            slots = [nproc_per_node] * len(hosts)
+        elif env.get("SLURM_NTASKS_PER_NODE"):
+            slots = [int(env["SLURM_NTASKS_PER_NODE"])] * len(hosts)
+        elif env.get("SLURM_TASKS_PER_NODE"):
+            slots = expand_tasks_per_node(env["SLURM_TASKS_PER_NODE"])
+        else:
+            slots = [max(gpus, 1)] * len(hosts)
+        default_addr = hosts[0]
+        default_port = 20000 + int(job_id) % 20000 if job_id and job_id.isdigit() else DEFAULT_PORT
+    elif env.get("HOSTFILE"):
+        scheduler, job_id = "hostfile", None
+        pairs = read_hostfile(env["HOSTFILE"])
+        hosts = [h for h, _ in pairs]
+        slots = [nproc_per_node or s for _, s in pairs]
+        default_addr, default_port = (hosts[0] if len(hosts) > 1 else "127.0.0.1"), DEFAULT_PORT
+    else:
+        scheduler, job_id = "local", None
+        hosts = [socket.gethostname()]
+        slots = [nproc_per_node or max(gpus, 1)]
+        default_addr, default_port = "127.0.0.1", DEFAULT_PORT
+    return LaunchPlan(scheduler=scheduler, hosts=hosts, slots=slots,
+                      master_addr=env.get("MASTER_ADDR") or default_addr,
+                      master_port=int(env.get("MASTER_PORT") or default_port),
+                      accelerator=_accelerator(env, gpus), job_id=job_id)
+
+
+def batch_check(config: str, deepspeed_config: str | None, world_size: int, overrides: list[str] | None = None) -> str:
+    """The batch split the engine will use at this world size, or the engine's own error message."""
+    from pretraining.config import load_config  # yaml only: no torch import
+
+    try:
+        cfg = load_config(config, deepspeed_config, overrides)
+        r = cfg.batch.resolved(world_size)
+    except (ValueError, FileNotFoundError) as e:
+        return f"ERROR: {e}"
+    return (f"global batch {r['train_batch_size']} = micro {r['train_micro_batch_size_per_gpu']} x accumulation "
+            f"{r['gradient_accumulation_steps']} x {world_size} ranks; max_steps {cfg.max_steps} -> "
+            f"{cfg.max_steps * r['train_batch_size']:,} samples; output {cfg.output_dir}")
+
+
+def process_view() -> dict:
+    """What pretraining/distributed.py discovers in this very process (run under srun/mpirun to see each rank)."""
+    from pretraining.distributed import discover  # imports torch: only on request
+
+    return asdict(discover())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc-per-node", type=int, default=None, help="ranks per node (default: derived)")
+    p.add_argument("--hostfile", default=None, help="write a DeepSpeed/Open MPI hostfile here")
+    p.add_argument("--config", default=None, help="run config: also check the batch split for this world size")
+    p.add_argument("--deepspeed_config", default=None)
+    p.add_argument("overrides", nargs="*", help="the run's key=value overrides (they can change the batch sizes)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="machine-readable, with this process's rank view")
+    out.add_argument("--shell", action="store_true", help="`export` lines on stdout, the description on stderr")
+    args = p.parse_args(argv)
+    try:
+        plan = derive(nproc_per_node=args.nproc_per_node)
+    except (ValueError, OSError) as e:
+        print(f"launch/env.py: {e}", file=sys.stderr)
+        return 2
+    if args.hostfile:
+        Path(args.hostfile).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{args.hostfile}.tmp{os.getpid()}")
+        tmp.write_text(plan.hostfile)
+        os.replace(tmp, args.hostfile)
+    check = batch_check(args.config, args.deepspeed_config, plan.world_size, args.overrides) if args.config else None
+    if args.json:
+        print(json.dumps(dict(asdict(plan), world_size=plan.world_size, hostfile=plan.hostfile, batch=check,
+                              process=process_view()), indent=2))
+    elif args.shell:
+        print(plan.describe() + (f"\nbatch          : {check}" if check else ""), file=sys.stderr)
+        print(plan.shell(), end="")
+    else:
+        print(plan.describe() + (f"\nbatch          : {check}" if check else ""))
+    return 1 if check and check.startswith("ERROR") else 0
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):  # `python launch/env.py`: the repo root, not launch/, on the path
+        sys.path[0] = str(Path(__file__).resolve().parents[1])
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""A data-prep array job in parts: split the input files across tasks, then join the parts into one shard directory.
+
+    python launch/shard_parts.py slice --task I --tasks N INPUT...   # task I's input files, one per line
+    python launch/shard_parts.py merge OUT_DIR [--parts N]           # OUT_DIR/part-* -> OUT_DIR/manifest.json
+
+Files are dealt largest first, round robin, so the parts are balanced by bytes; every file lands in exactly one part.
+Each array task writes a complete data_prep output (shards + manifest.json) to OUT_DIR/part-00000, part-00001, ...
+This writes OUT_DIR/manifest.json listing every part's shards by relative path (part-00003/shard-...hdf5), with
+their recorded sha256, so `python data_prep/validate.py OUT_DIR` and the pretraining loader see one dataset.
+Nothing is copied. The parts must agree on everything the loader depends on (seq_len, masking, vocab, ...).
+
+With --parts N it merges only when part-00000 .. part-(N-1) all have their manifest (data_prep writes it last), and
+exits 3 otherwise: every array task calls it when it finishes and the last one to finish does the merge (under a
+file lock; merging twice gives the same manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from data_prep import contract
+from data_prep.extract import DataError, find_inputs
+
+NOT_READY = 3
+_MUST_AGREE = ("seq_len", "max_predictions", "masking", "lower_case", "vocab_hash", "vocab_size", "tool_version",
+               "format_version")
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def slice_inputs(inputs: list[str], task: int, tasks: int) -> list[Path]:
+    """Task `task`'s share of the input files (directories expanded as data_prep expands them)."""
+    if not 0 <= task < tasks:
+        raise ValueError(f"task {task} is outside 0..{tasks - 1}")
+    files = sorted(find_inputs(inputs), key=lambda f: (-f.stat().st_size, str(f)))
+    if len(files) < tasks:
+        raise ValueError(f"{tasks} array tasks but only {len(files)} input files: use --array=0-{len(files) - 1}")
+    return sorted(files[task::tasks], key=str)
+
+
+def merge(out_dir: str | Path, parts: int | None = None) -> contract.Manifest | None:
+    """The merged manifest (written to out_dir), or None when some of the `parts` expected parts are not done."""
+    out = Path(out_dir)
+    dirs = [out / part_name(i) for i in range(parts)] if parts else sorted(out.glob("part-[0-9]*"))
+    if not dirs:
+        raise FileNotFoundError(f"{out}: no part-NNNNN directories to merge")
+    manifests = []
+    for d in dirs:
+        try:
+            manifests.append(contract.Manifest.load(d))
+        except FileNotFoundError:
+            if parts:
+                return None  # that task has not finished (or failed: its own log says why)
+            raise
+    first = manifests[0]
+    for d, m in zip(dirs[1:], manifests[1:]):
+        for key in _MUST_AGREE:
+            if getattr(m, key) != getattr(first, key):
+                raise ValueError(f"{d / contract.MANIFEST_NAME}: {key} {getattr(m, key)!r} differs from "
+                                 f"{dirs[0].name}'s {getattr(first, key)!r}: parts of one dataset must share settings")
+    shards = [contract.ShardInfo(**{**vars(s), "file": f"{d.name}/{s.file}"})
+              for d, m in zip(dirs, manifests) for s in m.shards]
+    totals: dict[str, int] = {}
+    for m in manifests:
+        for k, v in m.settings.get("summary", {}).items():
+            totals[k] = totals.get(k, 0) + v
+    merged = contract.Manifest(
+        **{k: getattr(first, k) for k in _MUST_AGREE}, seed=first.seed,
+        settings=dict(first.settings, merged_from=[d.name for d in dirs], part_seeds=[m.seed for m in manifests],
+                      inputs=[i for m in manifests for i in m.settings.get("inputs", [])], summary=totals,
+                      fingerprint=None),
+        shards=shards)
+    merged.save(out)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("slice", help="print this task's input files")
+    s.add_argument("--task", type=int, required=True)
+    s.add_argument("--tasks", type=int, required=True)
+    s.add_argument("inputs", nargs="+")
+    m = sub.add_parser("merge", help="write OUT_DIR/manifest.json over the parts")
+    m.add_argument("out_dir")
+    m.add_argument("--parts", type=int, default=None, help="expected number of parts (array size)")
+    args = p.parse_args(argv)
+    if args.command == "slice":
+        try:
+            print("\n".join(map(str, slice_inputs(args.inputs, args.task, args.tasks))))
+        except (DataError, ValueError) as e:
+            print(f"shard_parts: {e}", file=sys.stderr)
+            return 2
+        return 0
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".merge.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two tasks finishing together: one merges, the other rewrites the same
+        try:
+            merged = merge(out, args.parts)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"shard_parts: {e}", file=sys.stderr)
+            return 2
+    if merged is None:
+        print(f"shard_parts: {out}: not all {args.parts} parts are done yet; the last task to finish merges")
+        return NOT_READY
+    print(f"shard_parts: {out}/manifest.json: {len(merged.shards)} shards, {merged.total_samples} samples from "
+          f"{len(merged.settings['merged_from'])} parts")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

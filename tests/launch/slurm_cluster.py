@@ -1,0 +1,170 @@
+"""A real one-node SLURM cluster in a temp dir, for tests that sbatch the real launch scripts.
+
+slurmctld + slurmd run as root with auth/none and cred/none (no munge), proctrack/linuxproc, task/none, one node named by
+`hostname` with this machine's CPU count. Ports are picked free so parallel CI jobs do not collide.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+DAEMONS = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sacct")
+
+
+def slurm_available() -> bool:
+    return all(shutil.which(d) for d in DAEMONS[:4]) and os.geteuid() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SlurmCluster:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.host = socket.gethostname()
+        self.conf = self.root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def write_conf(self) -> None:
+        for d in ("state", "spool", "log"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        r, h = self.root, self.host
+        self.conf.write_text(
+            f"""ClusterName=biobert-test
+SlurmctldHost={h}
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+AuthType=auth/none
+CredType=cred/none
+# a requeued job may start again only once its old credential expired (default 120 s): keep tests quick
+AuthInfo=cred_expire=5
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd.log
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+MpiDefault=none
+JobRequeue=1
+KillWait=30
+NodeName={h} CPUs={os.cpu_count()} State=UNKNOWN
+PartitionName=debug Nodes={h} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+"""
+        )
+
+    def start(self, timeout: float = 30.0) -> SlurmCluster:
+        self.write_conf()
+        subprocess.run(["slurmctld", "-f", str(self.conf)], env=self.env, check=True)
+        subprocess.run(["slurmd", "-f", str(self.conf)], env=self.env, check=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True).stdout
+            if out.strip() in ("idle", "mixed", "allocated"):
+                return self
+            time.sleep(0.5)
+        tail = self.log_tail()
+        self.stop()
+        raise RuntimeError(f"SLURM node did not come up: {tail}")
+
+    def stop(self) -> None:
+        """Cancel every job and wait for its processes, then shut the daemons down (slurmstepd would otherwise
+        leave the jobs' processes running after the daemons are gone)."""
+        subprocess.run(["scancel", "--full", "--signal=KILL", "--user", "root"], env=self.env, capture_output=True)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            out = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=self.env, capture_output=True, text=True)
+            if out.returncode != 0 or not out.stdout.strip():
+                break
+            subprocess.run(["scancel", "--user", "root"], env=self.env, capture_output=True)
+            time.sleep(0.5)
+        subprocess.run(["scontrol", "shutdown"], env=self.env, capture_output=True)
+        for pid_file in ("slurmd.pid", "slurmctld.pid"):  # the daemons we started, by pid: never left running
+            p = self.root / pid_file
+            try:
+                pid = int(p.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            for sig, wait in ((0, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+                try:
+                    if sig:
+                        os.kill(pid, sig)
+                    deadline = time.time() + wait
+                    while time.time() < deadline:
+                        os.kill(pid, 0)
+                        time.sleep(0.2)
+                except ProcessLookupError:
+                    break
+
+    def sbatch(self, script: str | os.PathLike, *args: str, script_args: tuple | list = (), env: dict | None = None,
+               cwd: str | os.PathLike | None = None) -> int:
+        """Submit `script` with sbatch options `args` and job arguments `script_args`; `env` adds to the job's
+        environment (sbatch exports the submitting environment). Returns the job id."""
+        r = subprocess.run(
+            ["sbatch", "--parsable", *args, str(script), *map(str, script_args)], env={**self.env, **(env or {})},
+            capture_output=True, text=True, cwd=cwd,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"sbatch {script} failed ({r.returncode}): {r.stderr.strip()}")
+        return int(r.stdout.strip().split(";")[0])
+
+    def show(self, job_id: int | str) -> dict[str, str]:
+        """`scontrol show job` as a dict (the first record: for an array job id, ask for 'ID_TASK')."""
+        out = subprocess.run(
+            ["scontrol", "show", "job", str(job_id)], env=self.env, capture_output=True, text=True
+        ).stdout
+        info: dict[str, str] = {}
+        for field in out.split():
+            key, sep, value = field.partition("=")
+            if sep and key not in info:
+                info[key] = value
+        return info
+
+    def job_state(self, job_id: int | str) -> str:
+        return self.show(job_id).get("JobState", "UNKNOWN")
+
+    def signal(self, job_id: int | str, sig: str = "USR1", *, batch: bool = True) -> None:
+        """scancel --signal: to the batch shell only (batch=True, what `#SBATCH --signal=B:` does) or the steps."""
+        subprocess.run(["scancel", f"--signal={sig}", *(["--batch"] if batch else []), str(job_id)],
+                       env=self.env, check=True, capture_output=True)
+
+    def wait(self, job_id: int | str, timeout: float = 600.0,
+             states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.job_state(job_id)
+            if state in states:
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} still {self.job_state(job_id)} after {timeout}s\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 20) -> str:
+        logs = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            p = self.root / "log" / name
+            if p.exists():
+                logs.append(f"--- {name}\n" + "\n".join(p.read_text().splitlines()[-n:]))
+        return "\n".join(logs)
+
+    def __enter__(self) -> SlurmCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

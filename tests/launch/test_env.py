@@ -1,0 +1,113 @@
+"""launch/env.py: Slurm hostlist / tasks-per-node parsing, hostfile derivation, master address and port."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from launch_testlib import REPO, load_module
+
+env = load_module("launch/env.py", "launch_env")
+
+
+@pytest.mark.parametrize("text, hosts", [
+    ("node1", ["node1"]),
+    ("gpu[01-03]", ["gpu01", "gpu02", "gpu03"]),
+    ("gpu[08-11,20]", ["gpu08", "gpu09", "gpu10", "gpu11", "gpu20"]),
+    ("a[1-2],b3,c[7]", ["a1", "a2", "b3", "c7"]),
+    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+    ("node-[098-101].ib", ["node-098.ib", "node-099.ib", "node-100.ib", "node-101.ib"]),
+    ("x[1-2].cluster,y", ["x1.cluster", "x2.cluster", "y"]),
+])
+def test_expand_hostlist(text, hosts):
+    assert env.expand_hostlist(text) == hosts
+
+
+@pytest.mark.parametrize("bad", ["gpu[01-03", "gpu]1[", "gpu[3-1]", "gpu[a-b]"])
+def test_expand_hostlist_rejects_malformed(bad):
+    with pytest.raises(ValueError, match="hostlist"):
+        env.expand_hostlist(bad)
+
+
+def test_expand_hostlist_first_host_agrees_with_engine():
+    from pretraining.distributed import _first_slurm_host
+
+    for text in ("gpu[03-05,07],cpu1", "node7", "n[10-12]"):
+        assert env.expand_hostlist(text)[0] == _first_slurm_host(text)
+
+
+def test_expand_tasks_per_node():
+    assert env.expand_tasks_per_node("8(x2),4") == [8, 8, 4]
+    assert env.expand_tasks_per_node("2") == [2]
+    with pytest.raises(ValueError):
+        env.expand_tasks_per_node("2(x)")
+
+
+def test_slurm_allocation_plan():
+    plan = env.derive({"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[01-03]", "SLURM_TASKS_PER_NODE": "4(x2),2",
+                       "SLURM_GPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    assert plan.scheduler == "slurm" and plan.hosts == ["gpu01", "gpu02", "gpu03"]
+    assert plan.slots == [4, 4, 2] and plan.world_size == 10
+    assert (plan.master_addr, plan.master_port) == ("gpu01", 20000 + 4242)
+    assert plan.accelerator == "cuda"
+    assert plan.hostfile == "gpu01 slots=4\ngpu02 slots=4\ngpu03 slots=2\n"
+    shell = plan.shell()
+    assert "export MASTER_ADDR=gpu01\n" in shell and "export NNODES=3\n" in shell and "DS_ACCELERATOR" not in shell
+
+
+def test_slurm_plan_precedence_and_cpu():
+    base = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "c[1-2]", "SLURM_NTASKS_PER_NODE": "2", "DEVICE": "cpu"}
+    plan = env.derive(base)
+    assert plan.slots == [2, 2] and plan.accelerator == "cpu" and "export DS_ACCELERATOR=cpu" in plan.shell()
+    # explicit settings win over the allocation
+    plan = env.derive({**base, "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "31000"}, nproc_per_node=1)
+    assert (plan.master_addr, plan.master_port, plan.slots) == ("10.0.0.5", 31000, [1, 1])
+    # GPUs per node when Slurm gives no task layout
+    plan = env.derive({"SLURM_JOB_ID": "8", "SLURM_JOB_NODELIST": "g1", "SLURM_GPUS_ON_NODE": "a100:8"})
+    assert plan.slots == [8] and plan.accelerator == "cuda"
+    with pytest.raises(ValueError, match="DEVICE"):
+        env.derive({**base, "DEVICE": "tpu"})
+
+
+def test_hostfile_plan(tmp_path):
+    hf = tmp_path / "hosts"
+    hf.write_text("# cluster\nnodeA slots=4\nnodeB slots=4 # comment\nnodeC\n")
+    assert env.read_hostfile(hf) == [("nodeA", 4), ("nodeB", 4), ("nodeC", 1)]
+    plan = env.derive({"HOSTFILE": str(hf), "DEVICE": "cpu"})
+    assert plan.scheduler == "hostfile" and plan.world_size == 9 and plan.master_addr == "nodeA"
+    assert env.read_hostfile(hf) == [(h, s) for h, s in zip(plan.hosts, plan.slots)]  # hostfile round trip
+    (tmp_path / "bad").write_text("nodeA slots=four\n")
+    with pytest.raises(ValueError, match="bad:1"):
+        env.read_hostfile(tmp_path / "bad")
+
+
+def test_local_plan():
+    plan = env.derive({"DEVICE": "cpu", "NPROC_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": ""})
+    assert plan.scheduler == "local" and plan.slots == [2] and plan.master_addr == "127.0.0.1"
+    assert plan.master_port == env.DEFAULT_PORT and plan.accelerator == "cpu"
+    assert env.derive({"CUDA_VISIBLE_DEVICES": "0,1,2"}).slots == [3]
+
+
+def test_cli_writes_hostfile_and_checks_batch(tmp_path):
+    """The CLI in a (simulated) 2-node allocation: hostfile written, batch split shown, bad world size refused."""
+    job = {"SLURM_JOB_ID": "99", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NTASKS_PER_NODE": "2", "DEVICE": "cpu",
+           "PATH": "/usr/bin:/bin"}
+    tiny = ["--config", "pretraining/configs/tiny_cpu.yaml", "--deepspeed_config", "ds_configs/tiny_cpu.json"]
+    r = subprocess.run([sys.executable, "launch/env.py", "--hostfile", str(tmp_path / "hf"), *tiny], cwd=REPO,
+                       env=job, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "hf").read_text() == "n1 slots=2\nn2 slots=2\n"
+    assert "world size     : 4" in r.stdout and "micro 2 x accumulation 1 x 4 ranks" in r.stdout
+    # 3 ranks per node: global batch 8 cannot be split over 6 ranks -> the engine's own message, exit 1
+    r = subprocess.run([sys.executable, "launch/env.py", "--nproc-per-node", "3", *tiny], cwd=REPO, env=job,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "ERROR" in r.stdout and "world size 6" in r.stdout
+    r = subprocess.run([sys.executable, "launch/env.py", "--shell"], cwd=REPO, env=job, capture_output=True, text=True)
+    assert "export WORLD_SIZE_PLANNED=4" in r.stdout and "hosts" in r.stderr
+    r = subprocess.run([sys.executable, "launch/env.py", "--json"], cwd=REPO,
+                       env={**job, "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4"},
+                       capture_output=True, text=True)
+    info = json.loads(r.stdout)
+    assert info["process"] == {"rank": 3, "local_rank": 1, "world_size": 4, "launcher": "srun"}
