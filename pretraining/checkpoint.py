@@ -16,6 +16,11 @@ never touches the newest complete checkpoint.
 
 Client state: step, samples consumed (the global data position), skipped steps, every rank's RNG states (python, numpy,
 torch, accelerator), plus what the caller adds. DeepSpeed stores the LR scheduler and optimizer itself.
+
+Save phases (``SAVE_PHASES``, in order; ``FAULT_HOOK(phase)`` is called at each so tests can kill the process there):
+start -> files_written -> synced -> marker_temp (marker written + fsynced under a temp name) -> marked -> pruning.
+A death before ``marked`` leaves a folder without marker (ignored, removed on resume); the previous complete
+checkpoint is untouched because retention only runs after the new marker is in place.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.contract import atomic_write_text
 from pretraining import distributed as dist
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,13 @@ MARKER = "COMPLETE.json"
 POINTER = "latest_complete"
 HF_SUBDIR = "hf"
 _TAG = re.compile(r"^step_(\d{8,})$")
+SAVE_PHASES = ("start", "files_written", "synced", "marker_temp", "marked", "pruning")
+FAULT_HOOK = None  # tests: a callable(phase) run at each save phase (e.g. os.kill(os.getpid(), SIGKILL))
+
+
+def _phase(name: str) -> None:
+    if FAULT_HOOK is not None:
+        FAULT_HOOK(name)
 
 
 def tag_for(step: int) -> str:
@@ -68,6 +79,19 @@ def restore_rng(state: dict) -> None:
 # ---------------------------------------------------------------- scanning
 
 
+def _atomic_write(path: Path, text: str, phase: str | None = None) -> None:
+    """temp + fsync + rename + dir fsync: the name only ever refers to complete content."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    if phase:
+        _phase(phase)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -78,7 +102,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _files(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != MARKER}
+            if p.is_file() and p.name != MARKER and not p.name.startswith(".")}
 
 
 def check_complete(folder: str | os.PathLike) -> tuple[bool, str]:
@@ -153,6 +177,7 @@ def save(engine, root: str | os.PathLike, step: int, client_state: dict, *, hf_c
         if folder.exists():  # leftovers of an interrupted save of this very step: never mix old and new files
             _discard(folder)
     dist.barrier()
+    _phase("start")
     state = dict(client_state, rng=dist.all_gather_object(capture_rng()), world_size=dist.world_size())
     engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
     if rank == 0:
@@ -166,6 +191,7 @@ def save(engine, root: str | os.PathLike, step: int, client_state: dict, *, hf_c
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, hf / name)
+    _phase("files_written")
     # Every rank makes everything durable (on one node the first fsync does the work, the others are no-ops);
     # the barrier then means: all files of all ranks are on disk.
     dist.barrier()
@@ -175,11 +201,12 @@ def save(engine, root: str | os.PathLike, step: int, client_state: dict, *, hf_c
                 os.fsync(f.fileno())
     _fsync_dir(folder)
     dist.barrier()
+    _phase("synced")
     if rank == 0:
         mark_complete(folder, step=step, samples_consumed=client_state.get("samples_consumed"),
                       world_size=dist.world_size(), zero_stage=int(engine.zero_optimization_stage()))
-        atomic_write_text(root / POINTER, tag + "\n")
-        _fsync_dir(root)
+        _phase("marked")
+        _atomic_write(root / POINTER, tag + "\n")
         prune(root, keep_last)
     dist.barrier()
     return folder
@@ -188,8 +215,7 @@ def save(engine, root: str | os.PathLike, step: int, client_state: dict, *, hf_c
 def mark_complete(folder: Path, **meta) -> None:
     """The last write of a save: the marker lists every file with its size (temp + fsync + rename, then dir fsync)."""
     meta = {"tag": folder.name, **meta, "time": time.time(), "files": _files(folder)}
-    atomic_write_text(folder / MARKER, json.dumps(meta, indent=2))
-    _fsync_dir(folder)
+    _atomic_write(folder / MARKER, json.dumps(meta, indent=2), phase="marker_temp")
 
 
 def _discard(folder: Path) -> None:
@@ -213,6 +239,7 @@ def prune(root: str | os.PathLike, keep_last: int) -> list[Path]:
             doomed.append(p)
     for p in doomed:
         _discard(p)
+        _phase("pruning")
     for p in root.glob(".trash-*"):  # trash of an earlier crash
         shutil.rmtree(p, ignore_errors=True)
     return doomed
@@ -229,24 +256,86 @@ def discard_incomplete(root: str | os.PathLike) -> list[str]:
     return problems
 
 
-def load(engine, folder: str | os.PathLike) -> dict:
-    """Collective. Loads model/optimizer/scheduler into the engine, restores this rank's RNG; returns client state."""
+def load(engine, folder: str | os.PathLike, universal: bool = False) -> dict:
+    """Collective. Loads model/optimizer/scheduler into the engine, restores this rank's RNG; returns client state.
+
+    A checkpoint saved with another world size or ZeRO stage is refused unless ``universal`` (the engine was built
+    with DeepSpeed's ``checkpoint.load_universal``): then it is converted with DeepSpeed's ds_to_universal (rank 0,
+    into a temporary dot-folder next to it) and loaded from there, optimizer moments and schedule included."""
     folder = Path(folder)
     ok, why = check_complete(folder)
     if not ok:
         raise ValueError(f"refusing to resume from an incomplete checkpoint: {why}")
     meta = read_marker(folder)
     world, stage = dist.world_size(), int(engine.zero_optimization_stage())
+    source = folder
     if (meta["world_size"], meta["zero_stage"]) != (world, stage):
-        raise ValueError(
-            f"{folder} was saved by {meta['world_size']} ranks with ZeRO stage {meta['zero_stage']}; this run has "
-            f"{world} ranks and stage {stage}; loading it would silently mis-assign optimizer partitions. Resume "
-            f"with the same world size and stage, or export it (`python pretraining/export.py {folder} OUT`) and "
-            f"start a new run with model.init=OUT (weights kept; optimizer moments restart). DeepSpeed's universal "
-            f"checkpoint converter (deepspeed.checkpoint.ds_to_universal) is not wired in yet.")
-    path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+        if not universal:
+            raise ValueError(resharding_refusal(folder, meta, world, stage))
+        if min(meta["zero_stage"], stage) < 1:
+            raise ValueError(f"{folder}: DeepSpeed's universal checkpoint needs ZeRO stage 1-3 on both sides (saved "
+                             f"with stage {meta['zero_stage']}, this run {stage}); use the export route instead:\n"
+                             + resharding_refusal(folder, meta, world, stage))
+        source = to_universal(folder)
+    path, client_state = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
+    if source != folder:
+        dist.barrier()
+        if dist.rank() == 0:
+            _discard(source)
+        _resync_lr(engine)
     if path is None or client_state is None:
         raise RuntimeError(f"{folder}: DeepSpeed could not load this checkpoint")
-    restore_rng(client_state["rng"][dist.rank()])
+    if dist.rank() < len(client_state["rng"]):  # after a world-size change, new ranks keep their fresh seeds
+        restore_rng(client_state["rng"][dist.rank()])
+    engine.skipped_steps = int(client_state.get("overflow_steps_skipped", engine.skipped_steps))
     return client_state
+
+
+def _resync_lr(engine) -> None:
+    """DeepSpeed 0.19's universal load restores the scheduler's step count but leaves lr 0 in the optimizer's param
+    groups (and the scheduler's last lr): recompute them from the restored step, as the scheduler itself would."""
+    scheduler = engine.lr_scheduler
+    if scheduler is None or not hasattr(scheduler, "get_lr"):
+        return
+    import warnings
+
+    with warnings.catch_warnings():  # get_lr() outside step() warns; here it is exactly what is wanted
+        warnings.simplefilter("ignore")
+        lrs = scheduler.get_lr()
+    for group, lr in zip(engine.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)
+
+
+def to_universal(folder: Path) -> Path:
+    """Collective: rank 0 converts a ZeRO checkpoint with DeepSpeed's ds_to_universal (temp name + rename)."""
+    out = folder.with_name(f".universal-{folder.name}")
+    if dist.rank() == 0 and not out.is_dir():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = folder.with_name(f".universal-{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("converting %s (%s) to DeepSpeed's universal format in %s", folder, read_marker(folder), out)
+        ds_to_universal(Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        os.replace(tmp, out)
+    dist.barrier()
+    return out
+
+
+def resharding_refusal(folder: Path, meta: dict, world: int, stage: int) -> str:
+    """Why a checkpoint saved with another world size / ZeRO stage is not loaded, and the exact way to continue."""
+    samples = meta.get("samples_consumed")
+    return (
+        f"{folder} was saved by {meta['world_size']} ranks with ZeRO stage {meta['zero_stage']}; this run has "
+        f"{world} ranks and ZeRO stage {stage}. Loading it would mis-assign the partitioned optimizer state, so it is "
+        f"refused. Either resume with {meta['world_size']} ranks and stage {meta['zero_stage']}; or set "
+        f"checkpoint.reshard=universal to convert it with DeepSpeed's universal checkpoint (ZeRO 1-3; keeps optimizer "
+        f"state, schedule and data position); or convert by hand: "
+        f"`python pretraining/export.py {folder} OUT` (full fp32 weights), then start a new run with a new "
+        f"output_dir (or checkpoint.resume=never) and `model.init=OUT data.start_sample={samples}` so the data "
+        f"continues exactly after the {samples} samples already consumed (optimizer moments and the lr schedule "
+        f"restart: set schedule.warmup_steps as wanted).")

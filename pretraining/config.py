@@ -46,8 +46,13 @@ class DataConfig:
     prefetch: int = 2
     verify: bool = True  # sha256/schema/id-range check of every shard before step 1 (split across ranks)
     skip_bad_shards: bool = False  # False: a bad shard stops the run before step 1
+    # Global data position of a NEW run (continuing an exported checkpoint on another world size: its
+    # samples_consumed); ignored when resuming from a checkpoint, which carries its own position.
+    start_sample: int = 0
 
     def __post_init__(self) -> None:
+        if self.start_sample < 0:
+            raise ValueError(f"data.start_sample must be >= 0, got {self.start_sample}")
         if not self.shard_dir:
             raise ValueError("data.shard_dir is required (a data_prep output directory or NVIDIA hdf5 shards)")
         if not 0.0 < self.masked_lm_prob < 1.0:
@@ -94,8 +99,13 @@ class CheckpointConfig:
     every_minutes: float = 0.0  # 0 = off; rank 0's clock decides for everyone
     keep_last: int = 3  # never fewer than 1: the newest complete checkpoint is never deleted
     resume: str = "auto"  # auto (newest complete in output_dir/checkpoints) | never | a checkpoint dir
+    # A checkpoint from another world size / ZeRO stage: "refuse" (with the recipe) or "universal" (convert it with
+    # DeepSpeed's ds_to_universal and load it with load_universal; ZeRO 1-3)
+    reshard: str = "refuse"
 
     def __post_init__(self) -> None:
+        if self.reshard not in ("refuse", "universal"):
+            raise ValueError(f"checkpoint.reshard must be refuse or universal, got {self.reshard!r}")
         if self.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
         if self.every_steps < 0 or self.every_minutes < 0:
@@ -112,6 +122,22 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         if self.every_steps < 1:
             raise ValueError(f"logging.every_steps must be >= 1, got {self.every_steps}")
+
+
+@dataclass
+class NumericsConfig:
+    """Loss health checks (pretraining.numerics)."""
+
+    spike_factor: float = 2.0  # loss > factor x running median -> loss_spike in the metrics + a warning
+    spike_window: int = 50  # steps in the running median
+    spike_min_history: int = 10  # no spike verdict before this many finite losses
+    max_overflow_streak: int = 50  # fp16: consecutive overflow-skipped steps before the run is stopped
+
+    def __post_init__(self) -> None:
+        if self.spike_factor <= 1 or self.spike_window < 1 or self.spike_min_history < 1:
+            raise ValueError("numerics: spike_factor must be > 1, spike_window and spike_min_history >= 1")
+        if self.max_overflow_streak < 1:
+            raise ValueError(f"numerics.max_overflow_streak must be >= 1, got {self.max_overflow_streak}")
 
 
 @dataclass
@@ -166,6 +192,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
     deepspeed: dict = field(default_factory=dict)  # the DeepSpeed config (optimizer/scheduler sections removed)
 
     def __post_init__(self) -> None:
@@ -311,7 +338,7 @@ def _build(cls, values: dict, where: str):
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig,
-             "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+             "checkpoint": CheckpointConfig, "logging": LoggingConfig, "numerics": NumericsConfig}
 
 
 def load_config(run_config: str | Path | dict, deepspeed_config: str | Path | dict | None = None,

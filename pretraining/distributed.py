@@ -75,19 +75,37 @@ def init(timeout_minutes: int = 30) -> DistEnv:
             deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timeout, rank=0, world_size=1,
                                        init_method=f"tcp://127.0.0.1:{_free_port()}")
         return d
-    os.environ.update(RANK=str(d.rank), LOCAL_RANK=str(d.local_rank), WORLD_SIZE=str(d.world_size))
+    local = d.local_rank
+    if torch.cuda.is_available():  # DeepSpeed's engine selects its device from LOCAL_RANK too
+        local = cuda_device_index(d.local_rank, torch.cuda.device_count())
+    os.environ.update(RANK=str(d.rank), LOCAL_RANK=str(local), WORLD_SIZE=str(d.world_size))
     if d.launcher == "srun" and "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = _first_slurm_host(
             os.environ.get("SLURM_STEP_NODELIST", os.environ.get("SLURM_JOB_NODELIST", "")))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(DEFAULT_PORT))  # every rank must agree: a fixed default
+    os.environ.setdefault("MASTER_PORT", str(default_port()))  # every rank must agree: derived, not random
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timeout)
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() == "cuda":
-        torch.cuda.set_device(d.local_rank)
+        torch.cuda.set_device(cuda_device_index(d.local_rank, torch.cuda.device_count()))
     return d
+
+
+def default_port(environ: dict | None = None) -> int:
+    """29500, or 20000 + SLURM_JOB_ID % 20000 under Slurm: two bare-srun jobs sharing a node must not collide
+    (the same rule as launch/env.py)."""
+    job = (os.environ if environ is None else environ).get("SLURM_JOB_ID", "")
+    return 20000 + int(job) % 20000 if job.isdigit() else DEFAULT_PORT
+
+
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """`srun --gpus-per-task=1` shows each task only its own GPU (device_count 1) while SLURM_LOCALID counts tasks
+    on the node: local rank modulo the visible devices picks the right one in both cases."""
+    if device_count < 1:
+        raise RuntimeError("CUDA accelerator selected but no CUDA device is visible to this process")
+    return local_rank % device_count
 
 
 def device() -> torch.device:

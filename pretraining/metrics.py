@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -71,6 +72,30 @@ def batch_flops(config, attention_mask: torch.Tensor, masked_lm_positions: torch
                for t, m in zip(lengths, masked))
 
 
+def truncate_metrics(path: Path, start_step: int) -> int:
+    """Keep only what happened up to ``start_step`` (the step a run resumes from): step records with step <= it and
+    summaries of runs that ended there. Temp + rename, so a kill meanwhile leaves the old file. Returns lines dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a hard kill
+            dropped += 1
+            continue
+        step = rec["step"] if "step" in rec else rec.get("summary", {}).get("final_step", 0)
+        if step <= start_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricsLogger:
     """``log(step, record)`` once per optimizer step; ``summary()`` at the end. Inactive (no I/O) off rank 0."""
 
@@ -86,11 +111,13 @@ class MetricsLogger:
             return
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1, encoding="utf-8")  # appends across resumes
+        path = out / "metrics.jsonl"
+        truncate_metrics(path, start_step)  # steps redone after a hard kill are logged once, not twice
+        self.jsonl = open(path, "a", buffering=1, encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)  # same for TensorBoard
         if progress_bar:
             from tqdm import tqdm
 

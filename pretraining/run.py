@@ -7,7 +7,9 @@
 
 On CPU set DS_ACCELERATOR=cpu. Resuming is automatic (newest complete checkpoint in <output_dir>/checkpoints).
 Exit codes: 0 finished; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue the job to continue);
-other non-zero: failure (bad config/shards/vocab fail before step 1 with a message naming the file).
+other non-zero: failure (bad config/shards/vocab fail before step 1 with a message naming the file). A signal that
+arrives while torch/DeepSpeed are still being imported is remembered (the handler is installed first) and honoured at
+step 1. The fault matrix and its tests: docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `python pretraining/run.py`: import siblings as pretraining.x, never as top-level names
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from pretraining import preemption  # noqa: E402 - stdlib only
+
+if __name__ == "__main__":
+    # Before torch/DeepSpeed are imported (seconds): a SIGTERM/SIGUSR1 during setup becomes a clean stop at the first
+    # step boundary instead of killing the rank (the default action) and hanging the others.
+    preemption.install()
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -3,15 +3,14 @@
 One optimizer step = ``grad_accum`` micro-batches through ``engine.forward/backward/step`` (DeepSpeed owns the
 accumulation boundary, loss scaling, clipping, ZeRO and the LR scheduler step), then ONE small all-reduce that carries
 the step's metrics and the stop/save decisions, so every rank always takes the same branch (a rank that got SIGTERM
-cannot start a save alone and deadlock the others).
+cannot start a save alone and deadlock the others). The reduced loss goes through numerics.NumericsMonitor (NaN stop,
+fp16 overflow count, spike flag); signals are a flag (pretraining.preemption). Failure behaviour: docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from pretraining import checkpoint as ckpt
 from pretraining import distributed as dist
+from pretraining import numerics, preemption
 from pretraining.config import PRESETS, RunConfig
 from pretraining.metrics import MetricsLogger, batch_flops, device_name, peak_tflops
 
@@ -28,16 +28,10 @@ log = logging.getLogger(__name__)
 # Exit code after a SIGTERM/SIGUSR1-triggered checkpoint (EX_TEMPFAIL: "try again later"): requeue the job and it
 # resumes from that checkpoint. 0 = finished, anything else = failure.
 EXIT_PREEMPTED = 75
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-_stop_requested: list[int] = []  # signal numbers received; the handler only appends (async-signal safe enough)
 
 # slots of the per-step all-reduce
 _LOSS, _MLM, _NSP, _CORRECT, _COUNT, _TOKENS, _SAMPLES, _FLOPS, _STOP, _SAVE_DUE, _N = range(11)
 _LOSS_KEYS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count")  # model outputs, in slots 0..4
-
-
-def _on_signal(signum, frame):
-    _stop_requested.append(signum)
 
 
 def _loss_scale(optimizer) -> float | None:
@@ -106,19 +100,20 @@ def preflight(cfg: RunConfig, model_config, tokenizer_dir) -> list[str]:
     return sorted({f for f, _ in errors})
 
 
-def main(cfg: RunConfig, on_step=None) -> dict:
-    """Train to cfg.max_steps (or until SIGTERM/SIGUSR1). ``on_step(step, engine)``: test hook run before each step."""
-    # Handlers first: a signal during the (slow) setup must become a clean stop at step 1, not a dead rank.
-    _stop_requested.clear()
-    previous = {sig: signal.signal(sig, _on_signal) for sig in _STOP_SIGNALS}
+def main(cfg: RunConfig, on_step=None, on_micro=None) -> dict:
+    """Train to cfg.max_steps (or until SIGTERM/SIGUSR1). Test hooks: ``on_step(step, engine)`` before each step,
+    ``on_micro(step, micro_index, sample_ids, engine)`` before each micro-batch's forward."""
+    # A signal that arrived before this call (run.py installs the handler before the heavy imports) is kept:
+    # it stops the run at the first step boundary. The flag is consumed when we return.
+    previous = preemption.install()
     try:
-        return _train(cfg, on_step)
+        return _train(cfg, on_step, on_micro)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        preemption.restore(previous)
+        preemption.clear()
 
 
-def _train(cfg: RunConfig, on_step) -> dict:
+def _train(cfg: RunConfig, on_step, on_micro) -> dict:
     import deepspeed
 
     from pretraining.optim import build_optimizer, build_scheduler
@@ -143,6 +138,16 @@ def _train(cfg: RunConfig, on_step) -> dict:
         resume_from = dist.broadcast_object(found)
     elif cfg.checkpoint.resume != "never":
         resume_from = ckpt.resolve(cfg.checkpoint.resume)
+    elif ckpt.scan(cfg.checkpoint_dir)[0]:  # a fresh run would overwrite another run's checkpoints and metrics
+        raise ValueError(f"checkpoint.resume=never but {cfg.checkpoint_dir} already holds complete checkpoints of "
+                         "another run: use a new output_dir (or resume=auto to continue that run)")
+
+    universal = False  # a checkpoint from another world size / ZeRO stage, converted on load (opt-in)
+    if resume_from is not None and cfg.checkpoint.reshard == "universal":
+        meta = ckpt.read_marker(resume_from)
+        universal = (meta["world_size"], meta["zero_stage"]) != (world, cfg.zero_stage)
+        if universal:
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
 
     o, s = cfg.optimizer, cfg.schedule
     optimizer = build_optimizer(model, o.name, o.lr, o.betas, o.eps, o.weight_decay, device_type=device.type)
@@ -153,87 +158,101 @@ def _train(cfg: RunConfig, on_step) -> dict:
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + 1000 + rank)
 
-    step = 0
+    step, consumed = 0, cfg.data.start_sample  # consumed: global samples, the data position
     if resume_from is not None:
-        state = ckpt.load(engine, resume_from)  # DeepSpeed restores optimizer, scheduler and its skipped-step count
-        step = state["step"]
+        # DeepSpeed restores optimizer, scheduler, skipped-step count; ckpt.load this rank's RNG streams
+        state = ckpt.load(engine, resume_from, universal=universal)
+        step, consumed = state["step"], state["samples_consumed"]
         if state["global_batch_size"] != global_batch:
             raise ValueError(f"{resume_from} was trained with global batch {state['global_batch_size']}, this run "
                              f"has {global_batch}: the data position and schedule would not line up")
         if rank == 0:
-            log.warning("resumed from %s at step %d (%d samples consumed)", resume_from, step, state["samples_consumed"])
-    loader = build_loader(cfg, model.config, tokenizer_dir, step * global_batch, exclude=bad_shards)
+            log.warning("resumed from %s at step %d (%d samples consumed)", resume_from, step, consumed)
+    elif consumed % global_batch:
+        raise ValueError(f"data.start_sample {consumed} is not a multiple of the global batch {global_batch}: "
+                         "use the samples_consumed of a checkpoint")
+    loader = build_loader(cfg, model.config, tokenizer_dir, consumed, exclude=bad_shards)
     batches = iter(loader)
 
     peak, peak_source = peak_tflops(device_name(), cfg.precision, cfg.logging.peak_tflops)
     metrics = MetricsLogger(cfg.output_dir, active=rank == 0, start_step=step, max_steps=cfg.max_steps, peak=peak,
                             peak_source=peak_source, every_steps=cfg.logging.every_steps,
                             progress_bar=cfg.logging.progress_bar, tensorboard=cfg.logging.tensorboard)
-    fp16 = cfg.precision == "fp16"
+    n = cfg.numerics
+    monitor = numerics.NumericsMonitor(fp16=cfg.precision == "fp16", skipped_steps=engine.skipped_steps,
+                                       spike_factor=n.spike_factor, spike_window=n.spike_window,
+                                       spike_min_history=n.spike_min_history, max_overflow_streak=n.max_overflow_streak)
     losses, last_saved, saved_at_time, stopped = [], None, time.monotonic(), False
-    nonfinite_streak = 0
     try:
         while step < cfg.max_steps and not stopped:
             if on_step is not None:
                 on_step(step + 1, engine)
             t0, data_wait, lr = time.perf_counter(), 0.0, scheduler.get_last_lr()[0]
             stats = torch.zeros(_N, dtype=torch.float64)
-            loss_sums = torch.zeros(len(_LOSS_KEYS), dtype=torch.float64, device=device)  # no host sync per micro
-            for _ in range(accum):
+            micro_losses, micro_ids = [], []  # per micro-batch, kept on device: no host sync per micro
+            for i in range(accum):
                 t = time.perf_counter()
                 batch = next(batches)
                 data_wait += time.perf_counter() - t
-                sample_ids = batch.pop("sample_ids")
+                micro_ids.append(batch.pop("sample_ids"))
+                if on_micro is not None:
+                    on_micro(step + 1, i, micro_ids[-1], engine)
                 stats[_TOKENS] += batch["attention_mask"].sum()
-                stats[_SAMPLES] += len(sample_ids)
+                stats[_SAMPLES] += len(micro_ids[-1])
                 stats[_FLOPS] += batch_flops(model.config, batch["attention_mask"], batch["masked_lm_positions"])
                 out = engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
                 engine.backward(out["loss"])
                 engine.step()
-                loss_sums += torch.stack([out[key].detach().double() for key in _LOSS_KEYS])
+                micro_losses.append(torch.stack([out[key].detach().double() for key in _LOSS_KEYS]))
             step += 1
-            stats[: len(_LOSS_KEYS)] = loss_sums.cpu()
-            stats[_STOP] = float(bool(_stop_requested))
+            consumed += global_batch
+            stats[: len(_LOSS_KEYS)] = torch.stack(micro_losses).sum(0).cpu()
+            stats[_STOP] = float(preemption.requested())
             every_min = cfg.checkpoint.every_minutes
             stats[_SAVE_DUE] = float(rank == 0 and every_min > 0 and time.monotonic() - saved_at_time >= every_min * 60)
             stats = dist.all_reduce_sum(stats.to(device)).cpu()  # the only collective we add per step
             loss = float(stats[_LOSS]) / (accum * world)
-            if not math.isfinite(loss):
-                nonfinite_streak += 1
-                if not fp16 or nonfinite_streak > 10:  # fp16: loss scaling gets its chance (skipped steps) first
-                    local = float(out["loss"])
-                    raise FloatingPointError(
-                        f"non-finite loss at step {step} (rank {rank}: last micro-batch loss {local}, sample ids "
-                        f"{sample_ids[:8].tolist()}{' - this rank' if not math.isfinite(local) else ''}; shards "
-                        f"{cfg.data.shard_dir}). Lower the lr, enable clipping, or inspect those samples.")
-            else:
-                nonfinite_streak = 0
+            verdict, health = monitor.update(step, loss, engine.skipped_steps)
+            if verdict == numerics.STOP:  # every rank sees the same reduced loss: all raise, none is left waiting
+                _raise_nonfinite(cfg, step, monitor.reason, micro_losses, micro_ids, loader.manifest)
             losses.append(loss)
-            scale = _loss_scale(engine.optimizer) if fp16 else None
+            scale = _loss_scale(engine.optimizer) if cfg.precision == "fp16" else None
             grad_norm = engine.get_global_grad_norm()
             metrics.log(step, dict(
                 loss=loss, mlm_loss=float(stats[_MLM]) / (accum * world), nsp_loss=float(stats[_NSP]) / (accum * world),
                 mlm_acc=float(stats[_CORRECT]) / max(float(stats[_COUNT]), 1.0), lr=lr,
-                grad_norm=None if grad_norm is None else float(grad_norm), loss_scale=scale,
-                skipped_steps=engine.skipped_steps, samples=float(stats[_SAMPLES]),
-                tokens=float(stats[_TOKENS]), flops=float(stats[_FLOPS]), step_time=time.perf_counter() - t0,
-                data_wait=data_wait, compute_time=time.perf_counter() - t0 - data_wait,
-                samples_consumed=step * global_batch))
-            stopped = bool(stats[_STOP] > 0)
+                grad_norm=None if grad_norm is None else float(grad_norm), loss_scale=scale, **health,
+                samples=float(stats[_SAMPLES]), tokens=float(stats[_TOKENS]), flops=float(stats[_FLOPS]),
+                step_time=time.perf_counter() - t0, data_wait=data_wait,
+                compute_time=time.perf_counter() - t0 - data_wait, samples_consumed=consumed))
+            stopped = bool(stats[_STOP] > 0) and step < cfg.max_steps  # a signal in the last step: just finish
             every = cfg.checkpoint.every_steps
             if stopped or stats[_SAVE_DUE] > 0 or step == cfg.max_steps or (every and step % every == 0):
-                client = dict(step=step, samples_consumed=step * global_batch, global_batch_size=global_batch,
-                              overflow_steps_skipped=engine.skipped_steps, loader_start_sample=step * global_batch,
-                              run_config=cfg.to_dict())
-                last_saved = ckpt.save(engine, cfg.checkpoint_dir, step, client, hf_config=model.config,
-                                       tokenizer_dir=tokenizer_dir, keep_last=cfg.checkpoint.keep_last)
+                last_saved = _save(cfg, engine, step, consumed, global_batch, model.config, tokenizer_dir)
                 saved_at_time = time.monotonic()
+                if not stopped and step < cfg.max_steps:  # signalled during the save: it is finished, stop now
+                    stopped = bool(dist.all_reduce_sum(torch.tensor([float(preemption.requested())], device=device)))
     finally:
         loader.close()
     summary = metrics.summary(final_step=step, skipped_steps=engine.skipped_steps,
                               bad_shards=len(bad_shards), preempted=stopped)
     metrics.close(summary)
     dist.barrier()
-    return dict(losses=losses, step=step, samples_consumed=step * global_batch, checkpoint=last_saved,
+    return dict(losses=losses, step=step, samples_consumed=consumed, checkpoint=last_saved,
                 resumed_from=resume_from, preempted=stopped, exit_code=EXIT_PREEMPTED if stopped else 0,
                 summary=summary, records=metrics.records, engine=engine)
+
+
+def _save(cfg: RunConfig, engine, step: int, consumed: int, global_batch: int, model_config, tokenizer_dir):
+    client = dict(step=step, samples_consumed=consumed, global_batch_size=global_batch,
+                  overflow_steps_skipped=engine.skipped_steps, loader_start_sample=consumed, run_config=cfg.to_dict())
+    return ckpt.save(engine, cfg.checkpoint_dir, step, client, hf_config=model_config, tokenizer_dir=tokenizer_dir,
+                     keep_last=cfg.checkpoint.keep_last)
+
+
+def _raise_nonfinite(cfg: RunConfig, step: int, reason: str, micro_losses, micro_ids, manifest) -> None:
+    """Collective (every rank calls it): gather each rank's micro-batch losses and sample ids, raise naming them."""
+    report = dict(rank=dist.rank(), losses=[float(x[0]) for x in micro_losses],
+                  sample_ids=[ids.tolist() for ids in micro_ids])
+    reports = dist.all_gather_object(report)
+    raise FloatingPointError(numerics.nonfinite_message(step, reason, reports, cfg.data.shard_dir, manifest))

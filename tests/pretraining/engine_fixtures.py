@@ -96,3 +96,54 @@ def run_launcher(cmd: list[str], log: Path, timeout: float = 240) -> subprocess.
             proc.wait()
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode)
+
+
+# ---------------------------------------------------------------- fault-tolerance tests (tests/pretraining/test_fault_*)
+
+SYNTH = dict(num_shards=4, samples_per_shard=16, seq_len=32, max_predictions=5, vocab_size=100)  # 64 samples
+GLOBAL_BATCH = 8  # tiny_cpu.json: 2 steps per shard, 8 steps per epoch
+
+
+def synthetic_shards(base: Path) -> Path:
+    """4 static-masking shards x 16 samples, vocab 100 (vocab.txt in the same dir doubles as the tokenizer)."""
+    from pretraining.data_synthetic import write_synthetic_shards
+
+    out = Path(base) / "synthetic_shards"
+    if not (out / "manifest.json").is_file():
+        write_synthetic_shards(out, **SYNTH)
+    return out
+
+
+def synth_cfg(out_dir: Path, shard_dir: Path, max_steps: int, overrides=(), **sections):
+    """A tiny BERT on the synthetic shards, ZeRO-2 fp32 (tiny_cpu.json), dropout on (so RNG restore matters)."""
+    run = tiny_run(out_dir, shard_dir, shard_dir, max_steps=max_steps, **sections)
+    run["logging"] = {"progress_bar": False, "tensorboard": False}
+    return load_tiny(run, list(overrides))
+
+
+class SampleLog:
+    """on_micro hook recording the global sample ids each step consumed (the last run of a step wins)."""
+
+    def __init__(self):
+        self.steps: dict[int, list[int]] = {}
+
+    def __call__(self, step, micro, sample_ids, engine) -> None:
+        if micro == 0:
+            self.steps[step] = []
+        self.steps[step] += sample_ids.tolist()
+
+
+def weights(engine) -> dict:
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch_equal(a[k], b[k])]
+    assert not different, f"weights differ: {different[:5]}"
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return x.dtype == y.dtype and x.shape == y.shape and bool(torch.equal(x, y))
