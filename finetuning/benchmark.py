@@ -1,0 +1,235 @@
+"""Quality and speed against a plain HuggingFace ``Trainer`` baseline, on the same model, data and hyperparameters.
+
+  python finetuning/benchmark.py --model minilm --tasks NCBI-disease GAD --max-train-examples 500 \\
+      --max-eval-examples 300 --epochs 2 --gad-folds 2
+
+For each task: our fine-tuning (finetuning/{ner,re,qa}.py, without dev-set epoch selection so the protocols match) and the baseline
+(transformers' BertFor{Token,Sequence}Classification / QuestionAnswering + Trainer + its default dynamic-padding
+collator, fused AdamW, same linear warmup/decay), both scored by the same metric code on the same subsample.
+Prints scores and training examples/s (training loop only, evaluation excluded) and writes OUT/benchmark.{json,md}.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # finetuning/ on sys.path would shadow the stdlib `re` with finetuning/re.py
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetuning.common import load_tokenizer, subsample, write_json, write_text
+from finetuning.evaluate_all import SCORES, SUITE, default_data_root, run_task, task_config
+from finetuning.heads import resolve_model
+from finetuning.metrics import classification_scores, ner_scores
+from finetuning.ner_data import convert_tags, label_list, read_conll
+from finetuning.re_data import default_negative, label_set, read_re_file, stratified_folds
+
+
+def _hf_train(model, features: list[dict], cfg, out_dir: str, collator) -> float:
+    """Train with a stock Trainer; returns training examples/s (wall time of trainer.train())."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, save_strategy="no", report_to="none",
+        logging_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        bf16=cfg.bf16, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator)
+    t0 = time.perf_counter()
+    trainer.train()
+    return len(features) * cfg.epochs / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _hf_logits(model, features: list[dict], collator, batch_size: int) -> list[np.ndarray]:
+    model.eval()
+    out = []
+    for i in range(0, len(features), batch_size):
+        chunk = features[i : i + batch_size]
+        batch = collator([{k: v for k, v in f.items() if k in ("input_ids", "attention_mask")} for f in chunk])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().numpy()
+        out.extend(logits[j, : len(f["input_ids"])] if logits.ndim == 3 else logits[j] for j, f in enumerate(chunk))
+    return out
+
+
+def hf_ner(cfg, model_dir: Path) -> dict:
+    """run_ner-style baseline: first-subword labels, sentences truncated at max_seq_len (cut tokens predicted O)."""
+    from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
+
+    tok = load_tokenizer(model_dir)
+    data = Path(cfg.data)
+    train = read_conll(data / "train.tsv")
+    labels = label_list([train])
+    train.sentences = subsample(train.sentences, cfg.max_train_examples, cfg.seed)
+    test = read_conll(data / "test.tsv")
+    test.sentences = subsample(test.sentences, cfg.max_eval_examples, cfg.seed)
+    l2i = {lab: i for i, lab in enumerate(labels)}
+
+    def encode(sentences):
+        enc = tok([s.tokens for s in sentences], is_split_into_words=True, truncation=True, max_length=cfg.max_seq_len)
+        feats, firsts = [], []
+        for i, s in enumerate(sentences):
+            tags, prev, lab, first = convert_tags(s.tags, "iob2"), None, [], {}
+            for pos, w in enumerate(enc.word_ids(i)):
+                lab.append(l2i[tags[w]] if w is not None and w != prev else -100)
+                if w is not None and w != prev:
+                    first[w] = pos
+                prev = w
+            feats.append({"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": lab})
+            firsts.append(first)
+        return feats, firsts
+
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForTokenClassification.from_pretrained(
+        model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=l2i)
+    collator = DataCollatorForTokenClassification(tok)
+    train_feats, _ = encode(train.sentences)
+    speed = _hf_train(model, train_feats, cfg, os.path.join(cfg.output_dir, "hf_tmp"), collator)
+    test_feats, firsts = encode(test.sentences)
+    logits = _hf_logits(model, test_feats, collator, cfg.eval_batch_size)
+    pred = [[labels[int(np.argmax(lg[first[w]]))] if w in first else "O" for w in range(len(s.tokens))]
+            for lg, first, s in zip(logits, firsts, test.sentences)]
+    scores = ner_scores([convert_tags(s.tags, "iob2") for s in test.sentences], pred)
+    return {**{k: scores[k] for k in SCORES["ner"]}, "train_examples_per_s": speed}
+
+
+def hf_re(cfg, model_dir: Path) -> dict:
+    """Sequence-classification baseline; CV folds identical to ours (same stratified_folds, same seed)."""
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+    from finetuning.common import find_split
+
+    tok = load_tokenizer(model_dir)
+    full_train = read_re_file(find_split(cfg.data, "train", (".tsv", ".jsonl")))
+    train = subsample(full_train, cfg.max_train_examples, cfg.seed)
+    dev_path = find_split(cfg.data, "dev", (".tsv", ".jsonl"))
+    test_path = find_split(cfg.data, "test", (".tsv", ".jsonl")) or dev_path
+    labels = label_set(full_train)
+    negative = default_negative(labels)
+    l2i = {lab: i for i, lab in enumerate(labels)}
+    if cfg.cv_folds:
+        pool = train + (subsample(read_re_file(dev_path), cfg.max_eval_examples, cfg.seed) if dev_path else [])
+        folds = stratified_folds([e.label for e in pool], cfg.cv_folds, cfg.seed)
+        splits = [([e for e, f in zip(pool, folds) if f != k], [e for e, f in zip(pool, folds) if f == k])
+                  for k in range(cfg.cv_folds)]
+    else:
+        splits = [(train, subsample(read_re_file(test_path), cfg.max_eval_examples, cfg.seed))]
+    collator = DataCollatorWithPadding(tok)
+    results, speeds = [], []
+    for fold_train, fold_test in splits:
+        def encode(examples):
+            enc = tok([e.text for e in examples], truncation=True, max_length=cfg.max_seq_len)
+            return [{"input_ids": i, "attention_mask": m, "labels": l2i.get(e.label, 0)}
+                    for i, m, e in zip(enc["input_ids"], enc["attention_mask"], examples)]
+
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels))
+        speeds.append(_hf_train(model, encode(fold_train), cfg, os.path.join(cfg.output_dir, "hf_tmp"), collator))
+        logits = _hf_logits(model, encode(fold_test), collator, cfg.eval_batch_size)
+        pred = [labels[int(np.argmax(lg))] for lg in logits]
+        results.append(classification_scores([e.label for e in fold_test], pred, negative))
+    out = {k: float(np.mean([r[k] for r in results])) for k in SCORES["re"]}
+    return {**out, "train_examples_per_s": float(np.mean(speeds))}
+
+
+def hf_qa(cfg, model_dir: Path) -> dict:
+    """BertForQuestionAnswering + Trainer on the same windows; scored with our n-best/aggregation code."""
+    from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding
+
+    from finetuning.metrics import bioasq_factoid_scores
+    from finetuning.qa import QATask, load_splits
+    from finetuning.qa_data import aggregate_by_question, gold_by_question, nbest_spans
+
+    tok = load_tokenizer(model_dir)
+    splits = load_splits(cfg, Path(cfg.data))
+    task = QATask(cfg, tok)
+    train_enc, test = task.encode(splits["train"][0]), splits["test"][0]
+    feats = [{**f, "attention_mask": [1] * len(f["input_ids"])} for f in task.features(train_enc)]
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
+    collator = DataCollatorWithPadding(tok)
+    speed = _hf_train(model, feats, cfg, os.path.join(cfg.output_dir, "hf_tmp"), collator)
+    enc = task.encode(test)
+    model.eval()
+    starts, ends = [], []
+    with torch.no_grad():
+        for i in range(0, len(enc["input_ids"]), cfg.eval_batch_size):
+            chunk = [{"input_ids": ids, "token_type_ids": tt} for ids, tt in
+                     zip(enc["input_ids"][i : i + cfg.eval_batch_size], enc["token_type_ids"][i : i + cfg.eval_batch_size])]
+            batch = collator(chunk)
+            out = model(**batch)
+            for j, f in enumerate(chunk):
+                starts.append(out.start_logits[j, : len(f["input_ids"])].numpy())
+                ends.append(out.end_logits[j, : len(f["input_ids"])].numpy())
+    nbest = nbest_spans(test, enc, starts, ends, cfg.n_best, cfg.max_answer_len)
+    scores = bioasq_factoid_scores(aggregate_by_question(test, nbest, cfg.top_k), gold_by_question(test), cfg.top_k)
+    return {**{k: scores[k] for k in SCORES["qa"]}, "train_examples_per_s": speed}
+
+
+BASELINES = {"ner": hf_ner, "re": hf_re, "qa": hf_qa}
+
+
+def _our_speed(metrics: dict) -> float:
+    runs = [f["train"] for f in metrics.get("folds", [])] or [metrics["train"]]
+    return sum(r["train_examples_seen"] for r in runs) / sum(r["train_seconds"] for r in runs)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--data-root", type=Path, default=default_data_root())
+    parser.add_argument("--output-dir", type=Path, default=Path("benchmark_out"))
+    parser.add_argument("--tasks", nargs="+", default=[t.name for t in SUITE], choices=[t.name for t in SUITE])
+    parser.add_argument("--max-train-examples", type=int, default=None, help="sentences / examples / questions")
+    parser.add_argument("--max-eval-examples", type=int, default=None)
+    parser.add_argument("--epochs", type=float, default=None)
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--max-seq-len", type=int, default=None)
+    parser.add_argument("--gad-folds", type=int, default=10)
+    parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    model_dir = resolve_model(args.model)
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k in (
+        "max_train_examples", "max_eval_examples", "epochs", "learning_rate", "batch_size", "max_seq_len", "seed")}
+    overrides.update(model=str(model_dir), select_on_dev=False, save_model=False, progress=False)
+    rows = []
+    for task in SUITE:
+        if task.name not in args.tasks:
+            continue
+        extra = {}
+        if task.name == "GAD":
+            extra["cv_folds"] = args.gad_folds
+        if task.kind == "qa" and args.max_seq_len and args.max_seq_len < 256:
+            extra.update(max_query_len=32, doc_stride=32)  # the QA defaults are sized for 384-token windows
+        cfg = task_config(task, args.data_root, args.output_dir, {**overrides, **extra})
+        ours = run_task(cfg, task.kind)
+        ours_row = {k: ours[k] for k in SCORES[task.kind]} | {"train_examples_per_s": _our_speed(ours)}
+        hf_row = BASELINES[task.kind](cfg, model_dir)
+        for who, row in (("ours", ours_row), ("hf_trainer", hf_row)):
+            rows.append({"task": task.name, "system": who, **row})
+            print(f"{task.name:15s} {who:10s} " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
+    write_json(args.output_dir / "benchmark.json", {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
+    keys = sorted({k for r in rows for k in r} - {"task", "system", "train_examples_per_s"})
+    md = ["| task | system | " + " | ".join(keys) + " | train ex/s |", "|" + "---|" * (len(keys) + 3)]
+    md += [f"| {r['task']} | {r['system']} | " + " | ".join(f"{r[k]:.4f}" if k in r else "" for k in keys)
+           + f" | {r['train_examples_per_s']:.1f} |" for r in rows]
+    write_text(args.output_dir / "benchmark.md", "\n".join(md) + "\n")
+    print("\n".join(md))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Task heads on the shared encoder (pretraining.model.BertModel as ``.bert``), with HF's parameter names.
+
+A saved head is an ordinary HF directory: ``bert.*`` + ``classifier.*`` (token / sequence classification) or
+``qa_outputs.*`` (QA), config.json with ``id2label``/``label2id`` and ``architectures`` set, so
+``transformers.AutoModelFor...`` loads it too. Each forward returns {"logits"...} and "loss" when labels are given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig
+
+from pretraining.model import BertModel, init_weights, load_pretrained
+
+
+class BertForTokenClassification(nn.Module):
+    hf_architecture = "BertForTokenClassification"
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        init_weights(self.classifier, config)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> dict:
+        sequence, _ = self.bert(input_ids, token_type_ids, attention_mask)
+        logits = self.classifier(self.dropout(sequence))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return out
+
+
+class BertForSequenceClassification(nn.Module):
+    hf_architecture = "BertForSequenceClassification"
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        init_weights(self.classifier, config)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> dict:
+        _, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+        logits = self.classifier(self.dropout(pooled))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits.float(), labels)
+        return out
+
+
+class BertForQuestionAnswering(nn.Module):
+    hf_architecture = "BertForQuestionAnswering"
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        init_weights(self.qa_outputs, config)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_positions=None, end_positions=None):
+        sequence, _ = self.bert(input_ids, token_type_ids, attention_mask)
+        start, end = self.qa_outputs(sequence).float().unbind(-1)
+        if attention_mask is not None:  # padding can never be an answer boundary
+            start = start.masked_fill(attention_mask == 0, -1e4)
+            end = end.masked_fill(attention_mask == 0, -1e4)
+        out = {"start_logits": start, "end_logits": end}
+        if start_positions is not None and end_positions is not None:
+            out["loss"] = (F.cross_entropy(start, start_positions) + F.cross_entropy(end, end_positions)) / 2
+        return out
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """A model spec ("minilm", a directory, a URL) -> an HF directory, via pretraining.hub."""
+    if Path(spec).is_dir():
+        return Path(spec)
+    from pretraining.hub import resolve_model_dir
+
+    return Path(resolve_model_dir(str(spec)))
+
+
+def checkpoint_keys(model_dir: str | Path) -> set[str]:
+    """Parameter names stored in an HF dir, without loading the tensors (to tell e.g. a QA-fine-tuned dir)."""
+    model_dir = Path(model_dir)
+    st = model_dir / "model.safetensors"
+    if st.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(st), framework="pt") as f:
+            return set(f.keys())
+    pt = model_dir / "pytorch_model.bin"
+    if pt.is_file():
+        return set(torch.load(pt, map_location="cpu", weights_only=True).keys())
+    return set()
+
+
+def load_head(model_dir: str | Path, head_cls: type[nn.Module], labels: list[str] | None = None) -> nn.Module:
+    """The encoder (and the head, when the dir has one of the same shape) from ``model_dir``; new heads are initialised.
+
+    ``labels``: the classifier's classes in id order (written to config.json as id2label/label2id).
+    """
+    overrides = {}
+    if labels is not None:
+        overrides = {"id2label": dict(enumerate(labels)), "label2id": {lab: i for i, lab in enumerate(labels)}}
+        saved = checkpoint_keys(model_dir)
+        if "classifier.weight" in saved:
+            # A classifier fine-tuned on another label set would be a shape mismatch: start it afresh instead.
+            config = BertConfig.from_json_file(str(Path(model_dir) / "config.json"))
+            same = [config.id2label.get(i) for i in range(len(config.id2label))] == list(labels)
+            if not same:
+                return _load_without(model_dir, head_cls, overrides, prefix="classifier.")
+    return load_pretrained(model_dir, model_cls=head_cls, **overrides)
+
+
+def _load_without(model_dir, head_cls, overrides, prefix: str) -> nn.Module:
+    from pretraining.model import _read_weights, load_state_dict_into
+
+    config = BertConfig.from_json_file(str(Path(model_dir) / "config.json"))
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = head_cls(config)
+    state_dict, path = _read_weights(Path(model_dir))
+    load_state_dict_into(model, {k: v for k, v in state_dict.items() if not k.startswith(prefix)}, str(path))
+    return model.eval()

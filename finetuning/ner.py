@@ -1,0 +1,129 @@
+"""Biomedical NER fine-tuning: ``python finetuning/ner.py --model DIR --data DIR --output-dir OUT``.
+
+DATA holds train/devel/test .tsv (token<TAB>label or CoNLL columns). Writes OUT/metrics.json (test entity P/R/F1
+with conlleval semantics, per type; dev scores under "dev"), OUT/{dev,test}_predictions.tsv in the input format, and
+the fine-tuned model as an HF directory OUT/model.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # `python finetuning/ner.py` puts finetuning/ on sys.path, where re.py shadows the stdlib
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import numpy as np
+
+from finetuning.common import (
+    find_split,
+    load_tokenizer,
+    require_data_dir,
+    results_line,
+    subsample,
+    write_json,
+    write_text,
+)
+from finetuning.config import NERConfig, parse_config, to_dict
+from finetuning.heads import BertForTokenClassification, load_head, resolve_model
+from finetuning.metrics import ner_scores
+from finetuning.ner_data import NERFile, conll_text, convert_tags, encode_sentences, label_list, read_conll
+from finetuning.trainer import fit, predict, setup_runtime
+
+EXTS = (".tsv", ".txt", ".conll", ".iob", ".iob2")
+
+
+class NERTask:
+    """Featurises NER files for one tokenizer/label set and turns model outputs back into per-token tags."""
+
+    def __init__(self, cfg: NERConfig, tokenizer, labels: list[str]):
+        self.cfg, self.tokenizer, self.labels = cfg, tokenizer, labels
+        self.label2id = {lab: i for i, lab in enumerate(labels)}
+
+    def check_types(self, f: NERFile) -> None:
+        known = {lab[2:] for lab in self.labels if lab != "O"}
+        for s in f.sentences:
+            for i, t in enumerate(s.tags):
+                if t != "O" and t[2:] not in known:
+                    raise ValueError(f"{f.path}:{s.first_line + i}: entity type {t[2:]!r} is not in the training "
+                                     f"data / model labels {sorted(known)}")
+
+    def features(self, f: NERFile, with_labels: bool):
+        gold = [convert_tags(s.tags, "iob2") for s in f.sentences] if with_labels else None
+        enc = encode_sentences([s.tokens for s in f.sentences], gold, self.tokenizer, self.label2id,
+                               self.cfg.max_seq_len, self.cfg.window_overlap)
+        feats = [{"input_ids": ids, "labels": lab} for ids, lab in zip(enc.input_ids, enc.labels)]
+        return feats, enc.targets
+
+    def predict_tags(self, model, f: NERFile, rt) -> list[list[str]]:
+        feats, targets = self.features(f, with_labels=False)
+        logits = predict(model, feats, self.cfg, rt, keys=["logits"], per_token=True)["logits"]
+        best = [np.argmax(x, axis=-1) for x in logits]
+        return [[self.labels[int(best[fi][pos])] for fi, pos in sent] for sent in targets]
+
+    def evaluate(self, model, f: NERFile, rt) -> tuple[dict, list[list[str]]]:
+        pred = self.predict_tags(model, f, rt)
+        return ner_scores([convert_tags(s.tags, "iob2") for s in f.sentences], pred), pred
+
+
+def _read(path, cfg: NERConfig, limit: int | None) -> NERFile | None:
+    if path is None:
+        return None
+    f = read_conll(path, cfg.tag_scheme)
+    f.all_labels = label_list([f])  # from the whole file: a subsample may miss a rare type
+    f.sentences = subsample(f.sentences, limit, cfg.seed)
+    return f
+
+
+def main(cfg: NERConfig) -> dict:
+    rt = setup_runtime(cfg)
+    data = require_data_dir(cfg.data)
+    model_dir = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_dir)
+    train = _read(find_split(data, "train", EXTS), cfg, cfg.max_train_examples) if cfg.do_train else None
+    dev = _read(find_split(data, "dev", EXTS), cfg, cfg.max_eval_examples)
+    test = _read(find_split(data, "test", EXTS), cfg, cfg.max_eval_examples) if cfg.do_predict else None
+    if cfg.do_train and train is None:
+        raise FileNotFoundError(f"{data}: no train{EXTS[0]} for --do-train")
+    if train is not None:
+        labels = train.all_labels
+    else:  # evaluating an already fine-tuned model: its config carries the label set
+        from transformers import BertConfig
+
+        id2label = BertConfig.from_json_file(str(model_dir / "config.json")).id2label
+        labels = [id2label[i] for i in range(len(id2label))]
+    task = NERTask(cfg, tokenizer, labels)
+    for f in (dev, test):
+        if f is not None:
+            task.check_types(f)
+    model = load_head(model_dir, BertForTokenClassification, labels)
+
+    metrics: dict = {"task": "ner", "labels": labels}
+    if cfg.do_train:
+        feats, _ = task.features(train, with_labels=True)
+        use_dev = dev is not None and cfg.do_eval and cfg.select_on_dev
+        metrics["train"] = fit(model, feats, cfg, rt, (lambda m: task.evaluate(m, dev, rt)[0]) if use_dev else None,
+                               select="f1", desc="ner")
+    model.to(rt.device)
+    for name, f, wanted in (("dev", dev, cfg.do_eval), ("test", test, cfg.do_predict)):
+        if f is None or not wanted:
+            continue
+        scores, pred = task.evaluate(model, f, rt)
+        metrics[name] = scores
+        if rt.is_main:
+            write_text(cfg.output_path(f"{name}_predictions.tsv"), conll_text(f, pred))
+    final = metrics.get("test") or metrics.get("dev") or {}
+    metrics.update({k: final[k] for k in ("precision", "recall", "f1", "per_type") if k in final})
+    metrics["config"] = to_dict(cfg)
+    if rt.is_main:
+        if cfg.do_train and cfg.save_model:
+            from pretraining.model import save_pretrained
+
+            save_pretrained(model, cfg.output_path("model"), tokenizer_dir=model_dir)
+        write_json(cfg.output_path("metrics.json"), metrics)
+        print(results_line("ner", metrics, ("precision", "recall", "f1")))
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_config(NERConfig, description=__doc__))

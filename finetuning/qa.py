@@ -1,0 +1,131 @@
+"""BioASQ factoid QA fine-tuning: ``python finetuning/qa.py --model DIR --data DIR --output-dir OUT``.
+
+DATA holds train/dev/test .json in SQuAD v1 format (one snippet per paragraph); a directory with a single JSON is split
+by question (``--holdout-fraction``). A model directory that already has ``qa_outputs`` weights (e.g. fine-tuned on
+SQuAD first, as BioBERT did) keeps them. Writes OUT/metrics.json (strict/lenient accuracy and MRR over the top 5 per
+question, SQuAD EM/F1 per snippet), OUT/{split}_predictions.json, _nbest.json, _bioasq.json (submission), OUT/model.
+``--max-train-examples``/``--max-eval-examples`` count questions here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # `python finetuning/qa.py` puts finetuning/ on sys.path, where re.py shadows the stdlib
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import logging
+from pathlib import Path
+
+from finetuning.bioasq import predictions_to_bioasq
+from finetuning.common import find_split, load_tokenizer, require_data_dir, results_line, subsample, write_json
+from finetuning.config import QAConfig, parse_config, to_dict
+from finetuning.heads import BertForQuestionAnswering, checkpoint_keys, load_head, resolve_model
+from finetuning.metrics import bioasq_factoid_scores, squad_exact, squad_f1
+from finetuning.qa_data import (
+    QAExample,
+    aggregate_by_question,
+    encode_qa,
+    gold_by_question,
+    holdout_split,
+    nbest_spans,
+    read_squad,
+)
+from finetuning.trainer import Runtime, fit, predict, setup_runtime
+
+log = logging.getLogger(__name__)
+SCORE_KEYS = ("strict_accuracy", "lenient_accuracy", "mrr")
+
+
+class QATask:
+    def __init__(self, cfg: QAConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+
+    def encode(self, examples: list[QAExample]) -> dict:
+        return encode_qa(examples, self.tokenizer, self.cfg.max_seq_len, self.cfg.doc_stride, self.cfg.max_query_len)
+
+    def features(self, enc: dict) -> list[dict]:
+        return [
+            {"input_ids": i, "token_type_ids": t, "start_positions": s, "end_positions": e}
+            for i, t, s, e in zip(enc["input_ids"], enc["token_type_ids"], enc["start_positions"], enc["end_positions"])
+        ]
+
+    def evaluate(self, model, examples: list[QAExample], rt: Runtime) -> tuple[dict, dict, list]:
+        """-> (scores, ranked answers per question, n-best per snippet)."""
+        enc = self.encode(examples)
+        out = predict(model, self.features(enc), self.cfg, rt, keys=["start_logits", "end_logits"], per_token=True)
+        nbest = nbest_spans(examples, enc, out["start_logits"], out["end_logits"], self.cfg.n_best,
+                            self.cfg.max_answer_len)
+        ranked = aggregate_by_question(examples, nbest, self.cfg.top_k)
+        gold = gold_by_question(examples)
+        scores = bioasq_factoid_scores(ranked, gold, self.cfg.top_k) if gold else {}
+        answered = [(ex, spans) for ex, spans in zip(examples, nbest) if ex.answers]
+        if answered:
+            best = [spans[0]["text"] if spans else "" for _, spans in answered]
+            scores["squad_exact_match"] = sum(squad_exact(p, ex.answers) for p, (ex, _) in zip(best, answered)) / len(best)
+            scores["squad_f1"] = sum(squad_f1(p, ex.answers) for p, (ex, _) in zip(best, answered)) / len(best)
+        return scores, ranked, nbest
+
+
+def _questions(examples: list[QAExample], n: int | None, seed: int) -> list[QAExample]:
+    keep = set(subsample(sorted({e.qid for e in examples}), n, seed))
+    return [e for e in examples if e.qid in keep]
+
+
+def load_splits(cfg: QAConfig, data: Path) -> dict[str, tuple[list[QAExample], str] | None]:
+    paths = {s: find_split(data, s, (".json",)) for s in ("train", "dev", "test")}
+    splits = {s: (read_squad(p), str(p)) if p else None for s, p in paths.items()}
+    if splits["train"] is None:
+        files = sorted(data.glob("*.json"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"{data}: expected train.json (+ dev/test.json) or exactly one SQuAD-format JSON")
+        train, held = holdout_split(read_squad(files[0]), cfg.holdout_fraction, cfg.seed)
+        splits["train"] = (train, str(files[0]))
+        splits["test"] = (held, f"{files[0]} (held-out {cfg.holdout_fraction:.0%} of questions, seed {cfg.seed})")
+    limits = {"train": cfg.max_train_examples, "dev": cfg.max_eval_examples, "test": cfg.max_eval_examples}
+    return {s: (_questions(v[0], limits[s], cfg.seed), v[1]) if v else None for s, v in splits.items()}
+
+
+def main(cfg: QAConfig) -> dict:
+    rt = setup_runtime(cfg)
+    data = require_data_dir(cfg.data)
+    model_dir = resolve_model(cfg.model)
+    task = QATask(cfg, load_tokenizer(model_dir))
+    splits = load_splits(cfg, data)
+    model = load_head(model_dir, BertForQuestionAnswering)
+    head_kept = "qa_outputs.weight" in checkpoint_keys(model_dir)
+    if head_kept:
+        log.warning("%s: starting from its fine-tuned qa_outputs head", model_dir)
+    metrics: dict = {"task": "qa", "qa_head_from_checkpoint": head_kept}
+    dev = splits["dev"][0] if splits["dev"] else None
+    if cfg.do_train:
+        train, source = splits["train"]
+        metrics["train_source"] = source
+        evaluate = (lambda m: task.evaluate(m, dev, rt)[0]) if dev and cfg.do_eval and cfg.select_on_dev else None
+        metrics["train"] = fit(model, task.features(task.encode(train)), cfg, rt, evaluate, select="mrr", desc="qa")
+    model.to(rt.device)
+    for name, wanted in (("dev", cfg.do_eval), ("test", cfg.do_predict)):
+        if splits[name] is None or not wanted:
+            continue
+        scores, ranked, nbest = task.evaluate(model, splits[name][0], rt)
+        metrics[name] = {**scores, "source": splits[name][1]}
+        if rt.is_main:
+            write_json(cfg.output_path(f"{name}_predictions.json"), ranked)
+            write_json(cfg.output_path(f"{name}_nbest.json"), {ex.id: spans for ex, spans in zip(splits[name][0], nbest)})
+            write_json(cfg.output_path(f"{name}_bioasq.json"), predictions_to_bioasq(ranked, cfg.top_k))
+    final = metrics.get("test") or metrics.get("dev") or {}
+    metrics.update({k: v for k, v in final.items() if k != "source"})
+    metrics["config"] = to_dict(cfg)
+    if rt.is_main:
+        if cfg.do_train and cfg.save_model:
+            from pretraining.model import save_pretrained
+
+            save_pretrained(model, cfg.output_path("model"), tokenizer_dir=model_dir)
+        write_json(cfg.output_path("metrics.json"), metrics)
+        print(results_line("qa", metrics, (*SCORE_KEYS, "squad_exact_match", "squad_f1")))
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_config(QAConfig, description=__doc__))

@@ -1,0 +1,101 @@
+"""Real short CPU fine-tunes of the packaged MiniLM on subsampled real data: each task must learn.
+
+Budget: about a minute per task on 2 cores (subsampled data, max_seq_len 128, 2 epochs, fused AdamW).
+"""
+
+import json
+
+import pytest
+
+from finetuning.common import subsample
+from finetuning.config import NERConfig, QAConfig, REConfig
+from finetuning.ner_data import read_conll
+
+QUICK = dict(max_seq_len=128, batch_size=16, eval_batch_size=64, progress=False, num_threads=2, seed=1)
+
+
+def test_ner_learns_and_writes_outputs(shared_data, minilm_dir, tmp_path):
+    from finetuning.ner import main
+
+    cfg = NERConfig(model=str(minilm_dir), data=str(shared_data / "ner/NCBI-disease-IOB"), output_dir=str(tmp_path),
+                    max_train_examples=300, max_eval_examples=120, epochs=2, learning_rate=2e-4, do_eval=False,
+                    **QUICK)
+    m = main(cfg)
+    # An untrained tagger finds ~no disease mention (F1 ~0); 300 sentences give a clearly non-trivial F1.
+    assert m["f1"] > 0.2, m["train"]["history"]
+    assert set(m["per_type"]) <= {"Disease"} and m["test"]["n_gold_entities"] > 20
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["f1"] == pytest.approx(m["f1"]) and saved["train"]["train_examples_per_s"] > 0
+    lines = (tmp_path / "test_predictions.tsv").read_text().split("\n")
+    tokens = [ln for ln in lines if ln]
+    test_sentences = subsample(read_conll(shared_data / "ner/NCBI-disease-IOB/test.tsv").sentences, 120, cfg.seed)
+    assert [ln.split("\t")[0] for ln in tokens] == [t for s in test_sentences for t in s.tokens]  # one per token
+    assert all(ln.split("\t")[1] in ("O", "B-Disease", "I-Disease") for ln in tokens)
+    # The fine-tuned directory is a complete HF model: our loader and transformers both read it.
+    config = json.loads((tmp_path / "model/config.json").read_text())
+    assert config["architectures"] == ["BertForTokenClassification"] and config["id2label"]["1"] == "B-Disease"
+    from transformers import BertForTokenClassification
+
+    hf = BertForTokenClassification.from_pretrained(tmp_path / "model")
+    assert hf.classifier.weight.shape == (3, 384)
+
+
+def test_re_learns_on_gad_with_header_and_index_tsv(shared_data, minilm_dir, tmp_path):
+    from finetuning.re import main
+    from finetuning.re_data import read_re_file
+
+    examples = subsample(read_re_file(shared_data / "re/GAD/train.tsv"), 500, seed=0)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text("".join(f"{e.text}\t{e.label}\n" for e in examples[:300]))
+    test = examples[300:]
+    (data / "test.tsv").write_text("index\tsentence\tlabel\n" + "".join(f"{i}\t{e.text}\t{e.label}\n"
+                                                                     for i, e in enumerate(test)))
+    cfg = REConfig(model=str(minilm_dir), data=str(data), output_dir=str(tmp_path / "out"), epochs=3,
+                   learning_rate=2e-4, **QUICK)
+    m = main(cfg)
+    majority = max(sum(e.label == c for e in test) for c in ("0", "1")) / len(test)
+    assert m["negative_label"] == "0" and m["labels"] == ["0", "1"]
+    assert m["accuracy"] > majority + 0.08, (m["accuracy"], majority, m["train"]["history"])
+    rows = (tmp_path / "out/test_predictions.tsv").read_text().splitlines()
+    assert rows[0] == "index\tline\tlabel\tprediction" and len(rows) == 201 and rows[1].startswith("0\t2\t")
+    assert (tmp_path / "out/model/model.safetensors").is_file()
+
+
+def test_re_cross_validation_writes_folds(shared_data, minilm_dir, tmp_path):
+    from finetuning.re import main
+
+    cfg = REConfig(model=str(minilm_dir), data=str(shared_data / "re/GAD"), output_dir=str(tmp_path), cv_folds=3,
+                   max_train_examples=90, epochs=1, learning_rate=5e-5, **QUICK)
+    m = main(cfg)
+    folds = json.loads((tmp_path / "folds.json").read_text())
+    assignment = [e["fold"] for e in folds["examples"]]
+    assert folds["k"] == 3 and sorted(set(assignment)) == [0, 1, 2] and len(assignment) == 90
+    assert [f["fold"] for f in m["folds"]] == [0, 1, 2]
+    for k in range(3):
+        test_rows = (tmp_path / f"fold_{k}/test.tsv").read_text().splitlines()
+        assert len(test_rows) == assignment.count(k) == 30
+        assert json.loads((tmp_path / f"fold_{k}/metrics.json").read_text())["test"]["f1"] == m["folds"][k]["f1"]
+    mean = sum(f["f1"] for f in m["folds"]) / 3
+    assert m["f1"] == pytest.approx(mean) and m["f1_std"] >= 0 and m["negative_label"] == "0"
+
+
+def test_qa_learns_and_aggregates_by_question(shared_data, minilm_dir, tmp_path):
+    from finetuning.qa import main
+
+    cfg = QAConfig(model=str(minilm_dir), data=str(shared_data / "qa/BioASQ"), output_dir=str(tmp_path),
+                   max_train_examples=40, max_eval_examples=20, max_query_len=32, doc_stride=32, epochs=2,
+                   learning_rate=2e-4, **QUICK)
+    m = main(cfg)
+    assert m["n_questions"] == 20 and not m["qa_head_from_checkpoint"]
+    # A random span is almost never the exact answer; after training the top 5 hold it for a good share.
+    assert m["lenient_accuracy"] >= 0.3 and m["mrr"] > 0.15, m
+    ranked = json.loads((tmp_path / "test_predictions.json").read_text())
+    assert len(ranked) == 20 and all(1 <= len(v) <= 5 for v in ranked.values())
+    sub = json.loads((tmp_path / "test_bioasq.json").read_text())
+    assert {q["id"] for q in sub["questions"]} == set(ranked)
+
+    # Starting QA from an already QA-fine-tuned directory keeps its head: scores reproduce without training.
+    again = main(QAConfig(**{**cfg.__dict__, "model": str(tmp_path / "model"), "do_train": False,
+                             "output_dir": str(tmp_path / "eval")}))
+    assert again["qa_head_from_checkpoint"] and again["mrr"] == pytest.approx(m["mrr"])
