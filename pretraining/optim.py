@@ -103,7 +103,8 @@ _CANDIDATES: dict[tuple[str, str], list[tuple[str, dict]]] = {
     ("adamw", "cuda"): [("deepspeed.ops.adam.FusedAdam", {"adam_w_mode": True}),
                         ("apex.optimizers.FusedAdam", {"adam_w_mode": True}),
                         ("torch.optim.AdamW", {"fused": True})],
-    ("adamw", "cpu"): [("torch.optim.AdamW", {})],
+    # torch's fused CPU AdamW: ~6x faster than the foreach path on MiniLM (docs/benchmarks.md)
+    ("adamw", "cpu"): [("torch.optim.AdamW", {"fused": True}), ("torch.optim.AdamW", {})],
 }
 
 

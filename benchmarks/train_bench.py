@@ -1,0 +1,316 @@
+"""Training throughput at any world size: our engine vs HF ``BertForPreTraining``, same DeepSpeed config, live loader.
+
+    python benchmarks/train_bench.py --model minilm --seq-len 128 --micro-batch 8 --json OUT.json
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/train_bench.py --threads 1 --json OUT.json   # world size 2
+
+Differs from pretraining/benchmark.py (one process, batches preloaded) in what a scaling study needs: the batches come
+from the real PretrainingLoader while the clock runs (so data wait is measured, as a fraction of step time), each rank
+reads its own share, figures are summed over ranks (samples) and taken at the slowest rank (time), and peak memory is
+recorded per engine (CUDA: max_memory_allocated; CPU: peak RSS sampled by a psutil thread). Both engines read the same
+samples in the same order. The HF baseline gets what a plain HF script feeds BERT: padded to the shard's seq_len, labels
+as a [B, T] tensor (pretraining.benchmark.hf_inputs), converted inside the timed data phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+ENGINES = ("ours", "hf_baseline")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainBenchConfig:
+    model: str = "minilm"  # tiny|base|large (random init, 30522 vocab) or an HF BERT dir / "minilm" (weights loaded)
+    seq_len: int = 128  # synthetic shards only (real shards carry their own)
+    micro_batch: int = 8
+    zero_stage: int = 0
+    precision: str = "fp32"
+    optimizer: str = "adamw"  # lamb is refused by our engine under ZeRO partitioning; adamw runs everywhere
+    lr: float = 1e-4
+    steps: int = 3  # timed optimizer steps
+    warmup: int = 1
+    shards: str | None = None  # data_prep output; None -> synthetic variable-length shards
+    min_fill: float = 0.25
+    threads: int | None = None  # torch CPU threads per rank (None: torch's default)
+    seed: int = 0
+    peak_tflops: float | None = None
+    engines: list[str] = field(default_factory=lambda: list(ENGINES))
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} not in {PRECISIONS}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0..3, got {self.zero_stage}")
+        if self.micro_batch < 1 or self.steps < 1 or self.warmup < 0:
+            raise ValueError("micro_batch and steps must be >= 1, warmup >= 0")
+        if not set(self.engines) <= set(ENGINES) or not self.engines:
+            raise ValueError(f"engines must be a non-empty subset of {ENGINES}, got {self.engines}")
+
+    def ds_config(self, world_size: int) -> dict:
+        ds = {"train_micro_batch_size_per_gpu": self.micro_batch, "gradient_accumulation_steps": 1,
+              "train_batch_size": self.micro_batch * world_size, "gradient_clipping": 1.0,
+              "steps_per_print": 10**9, "wall_clock_breakdown": False, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": self.zero_stage}}
+        if self.precision == "bf16":
+            ds["bf16"] = {"enabled": True}
+        elif self.precision == "fp16":
+            ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+        return ds
+
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_matmul_tflops_at(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """Best of a few n x n matmuls in `dtype` on this process's threads: the CPU's practical peak for a precision
+    (AVX-512 bf16 runs bf16 matmuls faster than fp32 ones, so an fp32 probe would put bf16 MFU above 100%)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e12
+
+
+class PeakMemory:
+    """Peak bytes over a block: CUDA max_memory_allocated, or the process RSS sampled every few ms (CPU)."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.005):
+        self.device, self.interval = device, interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def _release_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages; hand them back to the OS
+    except (OSError, AttributeError):
+        pass
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_engine(engine, loader, convert, config, device, steps: int, warmup: int) -> dict:
+    """Per-rank totals over the timed steps: samples, tokens, useful FLOPs, step and data-wait seconds."""
+    from pretraining.metrics import batch_flops
+
+    it = iter(loader)
+    tot = dict(samples=0, tokens=0, flops=0.0, seconds=0.0, data_wait=0.0)
+    for step in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        batch = next(it)
+        inputs = {k: v.to(device, non_blocking=True) for k, v in convert(batch).items()}
+        t1 = time.perf_counter()
+        out = engine(**inputs)
+        engine.backward(out["loss"])
+        engine.step()
+        _sync(device)
+        t2 = time.perf_counter()
+        if step >= warmup:
+            tot["samples"] += len(batch["input_ids"])
+            tot["tokens"] += int(batch["attention_mask"].sum())
+            tot["flops"] += batch_flops(config, batch["attention_mask"], batch.get("masked_lm_positions"))
+            tot["seconds"] += t2 - t0
+            tot["data_wait"] += t1 - t0
+    return tot
+
+
+def _reduce(tot: dict, device) -> dict:
+    """Sum counts over ranks; time is the slowest rank's (the step ends when every rank is done)."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return tot
+    dev = device if device.type == "cuda" else torch.device("cpu")
+    sums = torch.tensor([tot["samples"], tot["tokens"], tot["flops"]], dtype=torch.float64, device=dev)
+    maxes = torch.tensor([tot["seconds"], tot["data_wait"], tot.get("peak_memory_bytes", 0)], dtype=torch.float64,
+                         device=dev)
+    tdist.all_reduce(sums)
+    tdist.all_reduce(maxes, op=tdist.ReduceOp.MAX)
+    s, m = sums.tolist(), maxes.tolist()
+    return {**tot, "samples": int(s[0]), "tokens": int(s[1]), "flops": s[2], "seconds": m[0], "data_wait": m[1],
+            "peak_memory_bytes": int(m[2])}
+
+
+def figures(tot: dict, peak_per_rank: float, world_size: int) -> dict:
+    """Throughput from totals. MFU = achieved useful TFLOPS / (per-device peak x devices)."""
+    dt = tot["seconds"]
+    tflops = tot["flops"] / dt / 1e12
+    peak = peak_per_rank * world_size
+    return dict(samples_per_s=tot["samples"] / dt, tokens_per_s=tot["tokens"] / dt, tflops=tflops,
+                mfu=tflops / peak if peak and math.isfinite(peak) else None,
+                data_wait_fraction=tot["data_wait"] / dt, peak_memory_mb=tot["peak_memory_bytes"] / 2**20,
+                seconds=dt, samples=tot["samples"], tokens=tot["tokens"])
+
+
+def build_models(cfg: TrainBenchConfig):
+    """(ours, hf, BertConfig) with identical weights."""
+    import transformers
+    from transformers import BertConfig
+
+    from pretraining.config import PRESETS
+    from pretraining.hub import resolve_model_dir
+    from pretraining.model import BertForPreTraining, load_pretrained
+
+    torch.manual_seed(cfg.seed)
+    if cfg.model in PRESETS:
+        config = BertConfig(vocab_size=30522, **PRESETS[cfg.model])
+        ours = BertForPreTraining(config)
+    else:
+        ours = load_pretrained(resolve_model_dir(cfg.model))
+        config = ours.config
+    ours.train()
+    hf = transformers.BertForPreTraining(BertConfig(**{k: v for k, v in config.to_dict().items()
+                                                       if k not in ("pad_vocab_multiple", "activation_checkpointing")}))
+    hf.load_state_dict(ours.state_dict(), strict=False)  # same names; the decoder is tied in both
+    hf.train()
+    return ours, hf, config
+
+
+def main(cfg: TrainBenchConfig) -> dict:
+    import deepspeed
+    import torch.distributed as tdist
+
+    from pretraining import distributed as dist
+    from pretraining.benchmark import hf_inputs, synthetic_shards
+    from pretraining.data import PretrainingLoader
+    from pretraining.metrics import device_name, peak_tflops
+    from pretraining.optim import build_optimizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist.init()
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    device = dist.device()
+    ours, hf, config = build_models(cfg)
+    peak, peak_source = peak_tflops(device_name(), cfg.precision, cfg.peak_tflops)
+    if peak_source == "cpu matmul probe":  # metrics' probe is fp32 and cached per process: probe this case instead
+        peak = cpu_matmul_tflops_at(PRECISION_DTYPES[cfg.precision])
+        peak_source = f"cpu {cfg.precision} matmul probe, {torch.get_num_threads()} thread(s)"
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.shards:
+            shard_dir = Path(cfg.shards)
+        else:  # every rank writes the same (seeded) shards into its own temp dir: no file sharing between ranks
+            n = (cfg.warmup + cfg.steps) * cfg.micro_batch * world
+            shard_dir = synthetic_shards(Path(tmp) / "shards", cfg.seq_len, config.vocab_size, max(n, 64),
+                                         cfg.min_fill, cfg.seed)
+        for name, model, convert in (("ours", ours, lambda b: b), ("hf_baseline", hf, hf_inputs)):
+            if name not in cfg.engines:
+                continue
+            _release_memory()  # so the previous engine's freed memory does not count toward this one's peak RSS
+            model.to(device)
+            optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, device_type=device.type)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg.ds_config(world))
+            loader = PretrainingLoader(shard_dir, micro_batch_size=cfg.micro_batch, grad_accum_steps=1, rank=rank,
+                                       world_size=world, seed=cfg.seed, vocab_size=config.vocab_size)
+            try:
+                with PeakMemory(device) as mem:
+                    tot = run_engine(engine, loader, lambda b, c=convert: c({k: v for k, v in b.items()
+                                                                            if k != "sample_ids"}),
+                                     config, device, cfg.steps, cfg.warmup)
+            finally:
+                loader.close()
+            tot["peak_memory_bytes"] = mem.peak
+            results[name] = figures(_reduce(tot, device), peak, world)
+            model.zero_grad(set_to_none=True)
+            del engine, optimizer
+        seq_len = int(json.loads((shard_dir / "manifest.json").read_text())["seq_len"])
+    first = next(iter(results.values()))
+    report = dict(config=asdict(cfg), world_size=world, device=device_name(), precision=cfg.precision,
+                  zero_stage=cfg.zero_stage, seq_len=seq_len, micro_batch=cfg.micro_batch,
+                  params=sum(p.numel() for p in hf.parameters()), fill=first["tokens"] / (first["samples"] * seq_len),
+                  peak_tflops_per_device=peak, peak_source=peak_source, torch_threads=torch.get_num_threads(),
+                  data=str(cfg.shards) if cfg.shards else f"synthetic (min_fill {cfg.min_fill})", results=results)
+    if len(results) == 2:
+        report["speedup"] = results["ours"]["samples_per_s"] / results["hf_baseline"]["samples_per_s"]
+    return report
+
+
+def parse_args(argv=None) -> tuple[TrainBenchConfig, str | None]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainBenchConfig()
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--micro-batch", type=int, default=d.micro_batch)
+    p.add_argument("--zero-stage", type=int, default=d.zero_stage)
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
+    p.add_argument("--optimizer", default=d.optimizer, choices=("adamw", "lamb"))
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--shards", default=None)
+    p.add_argument("--min-fill", type=float, default=d.min_fill)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    p.add_argument("--json", default=None, help="rank 0 writes the report here")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    cfg = TrainBenchConfig(a.model, a.seq_len, a.micro_batch, a.zero_stage, a.precision, a.optimizer, steps=a.steps,
+                           warmup=a.warmup, shards=a.shards, min_fill=a.min_fill, threads=a.threads, seed=a.seed,
+                           peak_tflops=a.peak_tflops, engines=a.engines)
+    return cfg, a.json
+
+
+if __name__ == "__main__":
+    cfg, out = parse_args()
+    report = main(cfg)
+    import torch.distributed as tdist
+
+    if out and (not tdist.is_initialized() or tdist.get_rank() == 0):
+        tmp = Path(out).with_name(f".{Path(out).name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, out)
