@@ -89,8 +89,8 @@ def shards(tmp_path_factory, shared_data, minilm_dir) -> Path:
     return ef.corpus_shards(tmp_path_factory.getbasetemp(), shared_data, minilm_dir)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # module scope: set before the module's `straight` runs, so both sides use one thread
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

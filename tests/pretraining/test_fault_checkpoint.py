@@ -30,8 +30,8 @@ class Crash(BaseException):
     """Not an Exception: nothing in the engine may catch it, as nothing catches SIGKILL."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # module scope: set before the module's `straight` runs, so both sides use one thread
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -23,8 +23,8 @@ import engine_fixtures as ef  # noqa: E402
 MAX_STEPS = 10  # crosses the epoch boundary (8 steps)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # module scope: set before the module's `straight` runs, so both sides use one thread
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

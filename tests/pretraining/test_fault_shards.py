@@ -33,8 +33,8 @@ FAULTS = {  # fault -> (damage, what the message must say)
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # module scope: set before the module's `straight` runs, so both sides use one thread
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
