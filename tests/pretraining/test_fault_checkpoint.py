@@ -30,17 +30,7 @@ class Crash(BaseException):
     """Not an Exception: nothing in the engine may catch it, as nothing catches SIGKILL."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # module scope: set before the module's `straight` runs, so both sides use one thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return ef.synthetic_shards(tmp_path_factory.getbasetemp())
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/pretraining/conftest.py
 
 
 def _cfg(out, shards, max_steps=MAX_STEPS, overrides=()):

@@ -22,18 +22,7 @@ from pretraining.numerics import OK, SKIPPED, STOP, NumericsMonitor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_fixtures as ef  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # module scope: set before the module's `straight` runs, so both sides use one thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return ef.synthetic_shards(tmp_path_factory.getbasetemp())
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/pretraining/conftest.py
 
 
 def test_fp16_overflow_from_inf_gradient_is_skipped_and_counted():

@@ -23,17 +23,7 @@ import engine_fixtures as ef  # noqa: E402
 MAX_STEPS = 10  # crosses the epoch boundary (8 steps)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # module scope: set before the module's `straight` runs, so both sides use one thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return ef.synthetic_shards(tmp_path_factory.getbasetemp())
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/pretraining/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from shard_factory import flip_byte, rewrite_shard, set_values, truncate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,17 +32,7 @@ FAULTS = {  # fault -> (damage, what the message must say)
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # module scope: set before the module's `straight` runs, so both sides use one thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return ef.synthetic_shards(tmp_path_factory.getbasetemp())
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/pretraining/conftest.py
 
 
 def _damaged(tmp_path: Path, shards: Path, fault: str) -> Path:
