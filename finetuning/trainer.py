@@ -53,9 +53,9 @@ def setup_runtime(cfg: FinetuneConfig) -> Runtime:
         torch.cuda.set_device(device)
     if not launched:
         return Runtime(device)
-    import deepspeed
+    from pretraining.distributed import init_deepspeed_backend
 
-    deepspeed.init_distributed(auto_mpi_discovery=False)
+    init_deepspeed_backend()
     return Runtime(device, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), deepspeed=True)
 
 

@@ -16,6 +16,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -63,8 +64,6 @@ def init(timeout_minutes: int = 30) -> DistEnv:
     """Initialise torch.distributed through DeepSpeed (backend: nccl on CUDA, ccl/gloo on CPU). Idempotent."""
     from datetime import timedelta
 
-    import deepspeed
-
     d = discover()
     timeout = timedelta(minutes=timeout_minutes)
     if d.launcher == "python":
@@ -72,8 +71,7 @@ def init(timeout_minutes: int = 30) -> DistEnv:
         # started from here (tests, mpirun from a notebook) do not inherit a stale "rank 0 of 1".
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine and ZeRO-3 read it
         if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timeout, rank=0, world_size=1,
-                                       init_method=f"tcp://127.0.0.1:{_free_port()}")
+            init_deepspeed_backend(timeout, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
         return d
     local = d.local_rank
     if torch.cuda.is_available():  # DeepSpeed's engine selects its device from LOCAL_RANK too
@@ -85,12 +83,53 @@ def init(timeout_minutes: int = 30) -> DistEnv:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(default_port()))  # every rank must agree: derived, not random
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timeout)
+        init_deepspeed_backend(timeout)
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() == "cuda":
         torch.cuda.set_device(cuda_device_index(d.local_rank, torch.cuda.device_count()))
     return d
+
+
+def init_deepspeed_backend(timeout=None, **kwargs) -> None:
+    """deepspeed.init_distributed, minus the CPU backend's JIT-built shared-memory op.
+
+    On the CPU accelerator DeepSpeed compiles (or re-checks) that op in every process at init, under a lock *file* in
+    TORCH_EXTENSIONS_DIR. A process killed inside that window (SIGKILL, OOM killer, scancel, a test timeout) leaves
+    the file behind, and every later DeepSpeed start on the machine then waits on it forever, silently. Training
+    never uses the op (only inference_all_reduce does), so on CPU it is not built at all."""
+    import importlib
+    from datetime import timedelta
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # by module path: `import deepspeed.comm.torch as m` would bind the torch package (deepspeed.comm.torch attr)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    warn_stale_extension_locks()
+    deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timeout or timedelta(minutes=30), **kwargs)
+
+
+def warn_stale_extension_locks(max_age_s: float = 600.0) -> list[str]:
+    """Name torch-extension build locks older than max_age_s: a JIT build (e.g. FusedLamb on CUDA) whose process
+    was killed leaves one, and the next build of that op waits on it forever without a word."""
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    stale = []
+    for lock in sorted(Path(root).glob("*/*/lock")) + sorted(Path(root).glob("*/lock")):
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            continue
+        if age > max_age_s:
+            stale.append(str(lock))
+            print(f"WARNING: {lock} is {age / 60:.0f} min old: a killed JIT build left it, and DeepSpeed will wait "
+                  f"on it forever when it builds that op. Remove it if no build is running.", flush=True)
+    return stale
 
 
 def default_port(environ: dict | None = None) -> int:

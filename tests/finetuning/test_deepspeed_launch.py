@@ -3,11 +3,11 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from subproc import run_group
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def test_re_under_deepspeed_launcher(minilm_dir, tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [launcher, "--num_gpus", "2", "finetuning/re.py", "--model", str(minilm_dir), "--data", str(data),
            "--output-dir", str(out), "--epochs", "1", "--batch-size", "4", "--no-progress", "--num-threads", "1"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_group(cmd, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     # 16 examples, 4 per rank-batch, 2 ranks: 2 optimizer steps, every example seen once.

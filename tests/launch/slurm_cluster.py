@@ -99,22 +99,29 @@ PartitionName=debug Nodes={h} Default=YES MaxTime=INFINITE State=UP OverSubscrib
             subprocess.run(["scancel", "--user", "root"], env=self.env, capture_output=True)
             time.sleep(0.5)
         subprocess.run(["scontrol", "shutdown"], env=self.env, capture_output=True)
-        for pid_file in ("slurmd.pid", "slurmctld.pid"):  # the daemons we started, by pid: never left running
-            p = self.root / pid_file
+        # slurmd waits for a step that will not die and removes its pid file early: finish by environment instead.
+        # Every daemon, slurmstepd and job process of this cluster carries SLURM_CONF=<our conf>; nothing else does.
+        deadline = time.time() + 10
+        while (left := self._own_processes()) and time.time() < deadline:
+            time.sleep(0.5)
+        for pid in left:
             try:
-                pid = int(p.read_text().strip())
-            except (OSError, ValueError):
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _own_processes(self) -> list[int]:
+        mark = f"SLURM_CONF={self.conf}".encode()
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
                 continue
-            for sig, wait in ((0, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-                try:
-                    if sig:
-                        os.kill(pid, sig)
-                    deadline = time.time() + wait
-                    while time.time() < deadline:
-                        os.kill(pid, 0)
-                        time.sleep(0.2)
-                except ProcessLookupError:
-                    break
+            try:
+                if mark in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+        return pids
 
     def sbatch(self, script: str | os.PathLike, *args: str, script_args: tuple | list = (), env: dict | None = None,
                cwd: str | os.PathLike | None = None) -> int:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from subproc import run_group
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_DS = REPO / "ds_configs" / "tiny_cpu.json"
@@ -85,17 +86,10 @@ def deepspeed_cmd(script: Path, *args: str, num_gpus: int = 2) -> list[str]:
 
 
 def run_launcher(cmd: list[str], log: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run a launcher in its own process group; on timeout the whole group (launcher + ranks) is killed."""
+    """Run a launcher in its own process group, output to `log`; on timeout the whole group (launcher + ranks) is
+    killed."""
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-    return subprocess.CompletedProcess(cmd, proc.returncode)
+        return run_group(cmd, timeout=timeout, cwd=REPO, env=clean_env(), stdout=f, stderr=subprocess.STDOUT)
 
 
 # ---------------------------------------------------------------- fault-tolerance tests (tests/pretraining/test_fault_*)

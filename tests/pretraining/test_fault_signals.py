@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from subproc import kill_group
 
 from pretraining import checkpoint as ckpt
 
@@ -90,13 +91,17 @@ def test_run_py_survives_a_signal_during_its_imports(tmp_path, shards):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
     cmd = [sys.executable, str(ef.REPO / "pretraining" / "run.py"), "--config", str(tmp_path / "run.yaml"),
            "--deepspeed_config", str(ef.TINY_DS)]
-    proc = subprocess.Popen(cmd, env=ef.clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=ef.clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     deadline = time.monotonic() + 30
     while not _catches_sigusr1(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.002)
     assert "torch" not in Path(f"/proc/{proc.pid}/maps").read_text()  # still importing: torch not even mapped yet
     proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=300)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        kill_group(proc)
     assert proc.returncode == 75, out[-3000:]
     records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "step" in r] == [1] and records[-1]["summary"]["preempted"] is True

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from subproc import run_group
 from transformers import BertConfig
 
 from pretraining.model import (
@@ -276,8 +276,8 @@ def test_zero3_two_ranks_tied_weights(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     launcher = Path(sys.executable).with_name("deepspeed")
-    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(port), str(script), str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = run_group([str(launcher), "--num_gpus", "2", "--master_port", str(port), str(script), str(out)],
+                     env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["tied"]
