@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from subproc import run_group
-
 REPO = Path(__file__).resolve().parents[2]
 TINY_DS = REPO / "ds_configs" / "tiny_cpu.json"
 # tiny_cpu.json uses AdamW 3e-3: a tiny model's loss visibly falls within a dozen steps (LAMB's trust ratio moves
@@ -88,6 +86,8 @@ def deepspeed_cmd(script: Path, *args: str, num_gpus: int = 2) -> list[str]:
 def run_launcher(cmd: list[str], log: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run a launcher in its own process group, output to `log`; on timeout the whole group (launcher + ranks) is
     killed."""
+    from subproc import run_group  # tests/ is on sys.path under pytest; the rank scripts that import us never call this
+
     with open(log, "w") as f:
         return run_group(cmd, timeout=timeout, cwd=REPO, env=clean_env(), stdout=f, stderr=subprocess.STDOUT)
 

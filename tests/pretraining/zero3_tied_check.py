@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from transformers import BertConfig
 
+from pretraining.distributed import init
 from pretraining.model import BertForPreTraining
 
 
@@ -44,6 +45,7 @@ def main(out_path: str) -> None:
                  "steps_per_print": 10**9}
     # SGD: the update is linear in the gradient, so any lost/doubled tied-weight gradient shows (Adam normalises it away).
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    init()  # the project's init (deepspeed.initialize would set up the backend itself, JIT-building the CPU shm op)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     rank = dist.get_rank()
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
