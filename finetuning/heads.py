@@ -17,16 +17,26 @@ from transformers import BertConfig
 from pretraining.model import BertModel, init_weights, load_pretrained
 
 
-class BertForTokenClassification(nn.Module):
-    hf_architecture = "BertForTokenClassification"
+class _Head(nn.Module):
+    """The shared encoder as ``.bert`` plus one linear output layer ``<out_name>`` (BERT's init), HF's names."""
 
-    def __init__(self, config: BertConfig):
+    hf_architecture = ""
+
+    def __init__(self, config: BertConfig, out_name: str, out_features: int, dropout: bool = True):
         super().__init__()
         self.config = config
         self.bert = BertModel(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        init_weights(self.classifier, config)
+        if dropout:
+            self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        setattr(self, out_name, nn.Linear(config.hidden_size, out_features))
+        init_weights(getattr(self, out_name), config)
+
+
+class BertForTokenClassification(_Head):
+    hf_architecture = "BertForTokenClassification"
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config, "classifier", config.num_labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> dict:
         sequence, _ = self.bert(input_ids, token_type_ids, attention_mask)
@@ -37,16 +47,11 @@ class BertForTokenClassification(nn.Module):
         return out
 
 
-class BertForSequenceClassification(nn.Module):
+class BertForSequenceClassification(_Head):
     hf_architecture = "BertForSequenceClassification"
 
     def __init__(self, config: BertConfig):
-        super().__init__()
-        self.config = config
-        self.bert = BertModel(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        init_weights(self.classifier, config)
+        super().__init__(config, "classifier", config.num_labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> dict:
         _, pooled = self.bert(input_ids, token_type_ids, attention_mask)
@@ -57,15 +62,11 @@ class BertForSequenceClassification(nn.Module):
         return out
 
 
-class BertForQuestionAnswering(nn.Module):
+class BertForQuestionAnswering(_Head):
     hf_architecture = "BertForQuestionAnswering"
 
     def __init__(self, config: BertConfig):
-        super().__init__()
-        self.config = config
-        self.bert = BertModel(config)
-        self.qa_outputs = nn.Linear(config.hidden_size, 2)
-        init_weights(self.qa_outputs, config)
+        super().__init__(config, "qa_outputs", 2, dropout=False)  # as HF: no dropout before the span head
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_positions=None, end_positions=None):
         sequence, _ = self.bert(input_ids, token_type_ids, attention_mask)

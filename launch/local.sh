@@ -19,11 +19,9 @@ set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
-if [ -z "${PYTHON:-}" ]; then
-    if [ -n "${VIRTUAL_ENV:-}" ] && [ -x "$VIRTUAL_ENV/bin/python" ]; then PYTHON="$VIRTUAL_ENV/bin/python"
-    elif [ -x "$REPO/.venv/bin/python" ]; then PYTHON="$REPO/.venv/bin/python"
-    else PYTHON=python3; fi
-fi
+# shellcheck source=launch/lib.sh
+. "$REPO/launch/lib.sh"
+find_python "$REPO"
 
 DEVICE=${DEVICE:-auto}
 if [ "$DEVICE" = auto ]; then
@@ -35,7 +33,7 @@ case "$DEVICE" in
     cuda|gpu) NPROC=${NPROC:-$(nvidia-smi -L | grep -c '^GPU ')} ;;
     *) echo "DEVICE=$DEVICE: expected auto, cuda or cpu" >&2; exit 2 ;;
 esac
-MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+MASTER_PORT=${MASTER_PORT:-$(free_port)}
 CONFIG=${CONFIG:-pretraining/configs/biobert_continued_seq512.yaml}
 args=(--config "$CONFIG")
 [ -n "${DS_CONFIG:-}" ] && args+=(--deepspeed_config "$DS_CONFIG")

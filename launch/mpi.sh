@@ -20,11 +20,9 @@ set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
-if [ -z "${PYTHON:-}" ]; then
-    if [ -n "${VIRTUAL_ENV:-}" ] && [ -x "$VIRTUAL_ENV/bin/python" ]; then PYTHON="$VIRTUAL_ENV/bin/python"
-    elif [ -x "$REPO/.venv/bin/python" ]; then PYTHON="$REPO/.venv/bin/python"
-    else PYTHON=python3; fi
-fi
+# shellcheck source=launch/lib.sh
+. "$REPO/launch/lib.sh"
+find_python "$REPO"
 PYBIN=$(dirname "$(command -v "$PYTHON")")
 MPIRUN=${MPIRUN:-$( [ -x "$PYBIN/mpirun" ] && echo "$PYBIN/mpirun" || echo mpirun )}
 
@@ -43,7 +41,7 @@ else
     default_np=$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)
     MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
     # one host: any free port, so two local jobs (or a left-over rendezvous on 29500) cannot collide
-    MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+    MASTER_PORT=${MASTER_PORT:-$(free_port)}
 fi
 NP=${NP:-$default_np}
 export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-29500}

@@ -6,11 +6,9 @@ die() { log "ERROR: $*"; exit 2; }
 
 setup_python() {
     # PYTHON: the repo's .venv when there is one (clusters: set PYTHON or activate a venv/conda env before sbatch).
-    if [ -z "${PYTHON:-}" ]; then
-        if [ -n "${VIRTUAL_ENV:-}" ] && [ -x "$VIRTUAL_ENV/bin/python" ]; then PYTHON="$VIRTUAL_ENV/bin/python"
-        elif [ -x "$REPO/.venv/bin/python" ]; then PYTHON="$REPO/.venv/bin/python"
-        else PYTHON=python3; fi
-    fi
+    # shellcheck source=launch/lib.sh
+    . "$REPO/launch/lib.sh"
+    find_python "$REPO"
     PATH="$(dirname "$(command -v "$PYTHON")"):$PATH"  # mpirun, deepspeed from the same environment
     export PYTHON PATH
     cd "$REPO" || die "cannot cd to REPO=$REPO"
