@@ -76,23 +76,6 @@ class TrainBenchConfig:
         return ds
 
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_matmul_tflops_at(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
-    """Best of a few n x n matmuls in `dtype` on this process's threads: the CPU's practical peak for a precision
-    (AVX-512 bf16 runs bf16 matmuls faster than fp32 ones, so an fp32 probe would put bf16 MFU above 100%)."""
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e12
-
-
 class PeakMemory:
     """Peak bytes over a block: CUDA max_memory_allocated, or the process RSS sampled every few ms (CPU)."""
 
@@ -236,9 +219,8 @@ def main(cfg: TrainBenchConfig) -> dict:
     device = dist.device()
     ours, hf, config = build_models(cfg)
     peak, peak_source = peak_tflops(device_name(), cfg.precision, cfg.peak_tflops)
-    if peak_source == "cpu matmul probe":  # metrics' probe is fp32 and cached per process: probe this case instead
-        peak = cpu_matmul_tflops_at(PRECISION_DTYPES[cfg.precision])
-        peak_source = f"cpu {cfg.precision} matmul probe, {torch.get_num_threads()} thread(s)"
+    if "matmul probe" in peak_source:
+        peak_source += f", {torch.get_num_threads()} thread(s)"
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.shards:

@@ -107,7 +107,8 @@ def init_deepspeed_backend(timeout=None, **kwargs) -> None:
     if get_accelerator().device_name() == "cpu":
         # by module path: `import deepspeed.comm.torch as m` would bind the torch package (deepspeed.comm.torch attr)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    warn_stale_extension_locks()
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # once per node, not once per rank
+        warn_stale_extension_locks()
     deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timeout or timedelta(minutes=30), **kwargs)
 
 

@@ -51,6 +51,18 @@ def test_peak_table(name, precision, peak):
     assert peak_tflops(name, precision, override=7.0)[0] == 7.0
 
 
+def test_cpu_peak_is_probed_in_the_run_precision():
+    from pretraining.metrics import _matmul_probe
+
+    fp32, source = peak_tflops("cpu", "fp32")
+    bf16, bf16_source = peak_tflops("cpu", "bf16")
+    assert source == "cpu fp32 matmul probe" and bf16_source == "cpu bf16 matmul probe"
+    assert fp32 > 0 and bf16 > 0
+    # one probe per (precision, thread count): a second ask is the cached figure, not a new measurement
+    hits = _matmul_probe.cache_info().hits
+    assert peak_tflops("cpu", "bf16")[0] == bf16 and _matmul_probe.cache_info().hits == hits + 1
+
+
 def test_mfu_from_totals():
     # 2 ranks, 4.0e12 useful FLOPs in 2 s -> 2 TFLOPS; per-device peak 0.5 -> MFU 2 / (0.5 * 2) = 2.0
     tot = dict(samples=64, tokens=6400, flops=4.0e12, seconds=2.0, data_wait=0.5, peak_memory_bytes=3 * 2**20)
