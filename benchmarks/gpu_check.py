@@ -132,16 +132,15 @@ def _max_diff(a: dict, b: dict) -> dict:
 
 
 def check_sdpa_paths() -> dict:
-    import transformers
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from pretraining.benchmark import hf_twin
     from pretraining.model import BertForPreTraining
 
     torch.manual_seed(0)
     config = _tiny_config()
     fp32 = BertForPreTraining(config).cuda().eval()
-    hf = transformers.BertForPreTraining(transformers.BertConfig(**config.to_dict())).cuda().eval()
-    hf.load_state_dict(fp32.state_dict(), strict=False)
+    hf = hf_twin(fp32).cuda().eval()
     ours = BertForPreTraining(config).cuda().eval().to(torch.bfloat16)
     ours.load_state_dict(fp32.state_dict())
     out, passed = {}, True

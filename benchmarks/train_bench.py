@@ -180,9 +180,9 @@ def figures(tot: dict, peak_per_rank: float, world_size: int) -> dict:
 
 def build_models(cfg: TrainBenchConfig):
     """(ours, hf, BertConfig) with identical weights."""
-    import transformers
     from transformers import BertConfig
 
+    from pretraining.benchmark import hf_twin
     from pretraining.config import PRESETS
     from pretraining.hub import resolve_model_dir
     from pretraining.model import BertForPreTraining, load_pretrained
@@ -195,10 +195,7 @@ def build_models(cfg: TrainBenchConfig):
         ours = load_pretrained(resolve_model_dir(cfg.model))
         config = ours.config
     ours.train()
-    hf = transformers.BertForPreTraining(BertConfig(**{k: v for k, v in config.to_dict().items()
-                                                       if k not in ("pad_vocab_multiple", "activation_checkpointing")}))
-    hf.load_state_dict(ours.state_dict(), strict=False)  # same names; the decoder is tied in both
-    hf.train()
+    hf = hf_twin(ours)
     return ours, hf, config
 
 

@@ -71,6 +71,19 @@ def hf_inputs(batch: dict) -> dict:
                 next_sentence_label=batch["next_sentence_labels"])
 
 
+def hf_twin(ours) -> torch.nn.Module:
+    """transformers.BertForPreTraining with our model's weights, in train mode: the baseline every benchmark uses."""
+    import transformers
+    from transformers import BertConfig
+
+    from pretraining.model import TRAINING_ONLY_CONFIG_KEYS
+
+    config = BertConfig(**{k: v for k, v in ours.config.to_dict().items() if k not in TRAINING_ONLY_CONFIG_KEYS})
+    hf = transformers.BertForPreTraining(config)
+    hf.load_state_dict(ours.state_dict(), strict=False)  # same names; the decoder is tied in both
+    return hf.train()
+
+
 def measure(engine, batches: list[dict], config, steps: int, warmup: int, accum: int, convert, device) -> dict:
     from pretraining.metrics import batch_flops
 
@@ -100,7 +113,6 @@ def measure(engine, batches: list[dict], config, steps: int, warmup: int, accum:
 
 def main(args: argparse.Namespace) -> dict:
     import deepspeed
-    import transformers
     from transformers import BertConfig
 
     from data_prep.contract import read_vocab_tokens
@@ -136,10 +148,7 @@ def main(args: argparse.Namespace) -> dict:
         ours = load_pretrained(args.model).train()
         config = ours.config
     ours.train()
-    hf = transformers.BertForPreTraining(BertConfig(**{k: v for k, v in config.to_dict().items()
-                                                       if k not in ("pad_vocab_multiple", "activation_checkpointing")}))
-    hf.load_state_dict(ours.state_dict(), strict=False)  # same names; the decoder is tied in both
-    hf.train()
+    hf = hf_twin(ours)
 
     n_batches = (args.steps + args.warmup) * accum
     with tempfile.TemporaryDirectory() as tmp:
