@@ -1,6 +1,6 @@
 """CUDA-only paths, verified on any machine with one NVIDIA GPU; results to a JSON file.
 
-    python benchmarks/gpu_check.py [--output gpu_check.json] [--skip-benchmark] [--bench-steps 10]
+    biobert gpu-check [--output gpu_check.json] [--skip-benchmark] [--bench-steps 10]
 
 Checks (each records its numbers and passed: true/false):
   lamb_numerics    DeepSpeed FusedLamb vs our pure-PyTorch Lamb (pretraining/optim.py): same model, same gradients,
@@ -25,9 +25,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
@@ -88,7 +85,7 @@ def check_lamb(steps: int = 8) -> dict:
 def check_fp16_loss_scaling(steps: int = 6, inject_at: int = 3) -> dict:
     import deepspeed
 
-    from pretraining import distributed as dist
+    from biobert import dist
     from pretraining.model import BertForPreTraining
     from pretraining.optim import build_optimizer
 
@@ -134,7 +131,7 @@ def _max_diff(a: dict, b: dict) -> dict:
 def check_sdpa_paths() -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from pretraining.benchmark import hf_twin
+    from benchmarks.engine_bench import hf_twin
     from pretraining.model import BertForPreTraining
 
     torch.manual_seed(0)
@@ -230,5 +227,9 @@ def _write(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def cli(argv: list[str] | None = None) -> int:
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -1,6 +1,6 @@
 """Where one training step's time goes: torch.profiler over MiniLM (or any model) steps on realistic shards.
 
-    python benchmarks/profile_step.py [--seq-lens 128 512] [--micro-batch 16] [--shards-128 DIR --shards-512 DIR]
+    biobert bench profile [--seq-lens 128 512] [--micro-batch 16] [--shards-128 DIR --shards-512 DIR]
                                       [--engines ours hf_baseline] [--top 12] [--json OUT.json]
 
 Shards: the given data_prep directories, else the shared MEDLINE sample prepared on the fly (real variable-length
@@ -16,9 +16,6 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
@@ -37,9 +34,9 @@ class ProfileConfig:
 
 
 def _shards(cfg: ProfileConfig, seq: int, tmp: Path, vocab_size: int) -> tuple[Path, str]:
+    from benchmarks.engine_bench import synthetic_shards
     from benchmarks.grid import SuiteConfig
     from benchmarks.suites import make_real_shards
-    from pretraining.benchmark import synthetic_shards
 
     if seq in cfg.shards:
         return Path(cfg.shards[seq]), f"given: {cfg.shards[seq]}"
@@ -75,8 +72,8 @@ def profile_engine(model, convert, batches: list[dict], warmup: int, top: int) -
 
 
 def main(cfg: ProfileConfig) -> dict:
+    from benchmarks.engine_bench import hf_inputs
     from benchmarks.train_bench import TrainBenchConfig, build_models
-    from pretraining.benchmark import hf_inputs
     from pretraining.data import PretrainingLoader
 
     if cfg.threads:
@@ -113,7 +110,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
@@ -125,10 +122,15 @@ if __name__ == "__main__":
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--threads", type=int)
     p.add_argument("--json")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     shards = {s: d for s, d in ((128, a.shards_128), (512, a.shards_512)) if d}
     rep = main(ProfileConfig(a.model, a.seq_lens, a.micro_batch, shards, a.engines, steps=a.steps, top=a.top,
                              threads=a.threads))
     print(markdown(rep))
     if a.json:
         Path(a.json).write_text(json.dumps(rep, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,6 +1,7 @@
 """One command for the whole benchmark suite; every figure is measured beside its baseline in the same run.
 
-    python benchmarks/run.py [--quick] [--suite prep,loader,train,finetune] --output-dir OUT
+    biobert bench [--quick] [--suite prep,loader,train,finetune] --output-dir OUT
+    biobert bench engine|train|loader|prep|profile|finetune --help      # one benchmark on its own
 
 Writes OUT/results.json, OUT/results.md (markdown tables: ours | baseline | ratio) and PNG plots (training throughput
 vs micro-batch and vs world size, loader throughput). Real data (the shared MEDLINE sample and NCBI-disease, found via
@@ -18,9 +19,6 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
@@ -80,7 +78,7 @@ def main(cfg: SuiteConfig) -> dict:
             results["data"]["shards"] = (f"real: data_prep shards of {cfg.data_root / 'corpus' / 'pubmed'} "
                                          f"(MiniLM vocab), seq {cfg.seq_lens}")
         else:
-            results["data"]["shards"] = "synthetic variable-length shards (pretraining.data_synthetic)"
+            results["data"]["shards"] = "synthetic variable-length shards (benchmarks.synthetic)"
         for suite in cfg.suites:
             print(f"== {suite}", flush=True)
             t = time.perf_counter()
@@ -105,6 +103,21 @@ def main(cfg: SuiteConfig) -> dict:
     return results
 
 
+# `biobert bench TOOL ...`: the single benchmarks, each with its own flags
+TOOLS = {"engine": "benchmarks.engine_bench", "train": "benchmarks.train_bench", "loader": "benchmarks.loader_bench",
+         "prep": "benchmarks.prep_bench", "profile": "benchmarks.profile_step", "finetune": "finetuning.benchmark"}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`biobert bench [--quick] --output-dir OUT` runs the suite; `biobert bench TOOL --help` one benchmark."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        return importlib.import_module(TOOLS[argv[0]]).cli(argv[1:])
+    res = main(parse_args(argv))
+    return 1 if res["errors"] else 0
+
+
 if __name__ == "__main__":
-    res = main(parse_args())
-    sys.exit(1 if res["errors"] else 0)
+    sys.exit(cli())

@@ -39,7 +39,7 @@ def prep_inputs(cfg: SuiteConfig) -> tuple[list[str], str]:
 
 
 def run_prep(cfg: SuiteConfig) -> tuple[list[dict], dict]:
-    from data_prep import benchmark as prep_bench
+    from benchmarks import prep_bench
     from data_prep.demo import default_vocab
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -77,8 +77,8 @@ def make_real_shards(cfg: SuiteConfig, out_dir: Path, seq_len: int, dynamic: boo
 def run_loader(cfg: SuiteConfig, real_shards: dict) -> tuple[list[dict], dict]:
     import torch
 
+    from benchmarks import loader_bench as lb
     from data_prep.demo import default_vocab
-    from pretraining import benchmark_loader as lb
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one trainer process's loader: do not spread over the cores

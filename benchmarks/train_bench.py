@@ -1,14 +1,14 @@
 """Training throughput at any world size: our engine vs HF ``BertForPreTraining``, same DeepSpeed config, live loader.
 
-    python benchmarks/train_bench.py --model minilm --seq-len 128 --micro-batch 8 --json OUT.json
+    biobert bench train --model minilm --seq-len 128 --micro-batch 8 --json OUT.json
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/train_bench.py --threads 1 --json OUT.json   # world size 2
 
-Differs from pretraining/benchmark.py (one process, batches preloaded) in what a scaling study needs: the batches come
+Differs from benchmarks/engine_bench.py (one process, batches preloaded) in what a scaling study needs: the batches come
 from the real PretrainingLoader while the clock runs (so data wait is measured, as a fraction of step time), each rank
 reads its own share, figures are summed over ranks (samples) and taken at the slowest rank (time), and peak memory is
 recorded per engine (CUDA: max_memory_allocated; CPU: peak RSS sampled by a psutil thread). Both engines read the same
 samples in the same order. The HF baseline gets what a plain HF script feeds BERT: padded to the shard's seq_len, labels
-as a [B, T] tensor (pretraining.benchmark.hf_inputs), converted inside the timed data phase.
+as a [B, T] tensor (benchmarks.engine_bench.hf_inputs), converted inside the timed data phase.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import torch
+
+from biobert.files import atomic_write_json
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -182,7 +181,7 @@ def build_models(cfg: TrainBenchConfig):
     """(ours, hf, BertConfig) with identical weights."""
     from transformers import BertConfig
 
-    from pretraining.benchmark import hf_twin
+    from benchmarks.engine_bench import hf_twin
     from pretraining.config import PRESETS
     from pretraining.hub import resolve_model_dir
     from pretraining.model import BertForPreTraining, load_pretrained
@@ -203,8 +202,8 @@ def main(cfg: TrainBenchConfig) -> dict:
     import deepspeed
     import torch.distributed as tdist
 
-    from pretraining import distributed as dist
-    from pretraining.benchmark import hf_inputs, synthetic_shards
+    from benchmarks.engine_bench import hf_inputs, synthetic_shards
+    from biobert import dist
     from pretraining.data import PretrainingLoader
     from pretraining.metrics import device_name, peak_tflops
     from pretraining.optim import build_optimizer
@@ -284,12 +283,15 @@ def parse_args(argv=None) -> tuple[TrainBenchConfig, str | None]:
     return cfg, a.json
 
 
-if __name__ == "__main__":
-    cfg, out = parse_args()
+def cli(argv: list[str] | None = None) -> int:
+    cfg, out = parse_args(argv)
     report = main(cfg)
     import torch.distributed as tdist
 
     if out and (not tdist.is_initialized() or tdist.get_rank() == 0):
-        tmp = Path(out).with_name(f".{Path(out).name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out)
+        atomic_write_json(out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

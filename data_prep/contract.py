@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from biobert.files import atomic_write
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -129,27 +130,5 @@ class Manifest:
             raise ValueError(f"{path}: manifest fields do not match the contract: {e}") from None
 
     def save(self, shard_dir: str | os.PathLike) -> None:
-        atomic_write_text(Path(shard_dir) / MANIFEST_NAME, self.to_json())
+        atomic_write(Path(shard_dir) / MANIFEST_NAME, self.to_json())
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file in the same directory, fsync, then rename: readers never see a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; others on a shared cluster must read it
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

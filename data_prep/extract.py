@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from biobert.errors import UserError
+
 INPUT_SUFFIXES = (".xml", ".xml.gz", ".nxml", ".txt", ".txt.gz")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad input (or a vocab that does not fit the flags); the message names the file and line/record."""
 
 

@@ -1,16 +1,15 @@
 """PubMed / PMC / plain text -> NVIDIA-compatible BERT pretraining shards.
 
-    python data_prep/run.py INPUT... --output-dir DIR --vocab VOCAB [--lower-case|--cased] [--seq-len 128|512]
+    biobert prep INPUT... --output-dir DIR --vocab VOCAB [--lower-case|--cased] [--seq-len 128|512]
         [--max-predictions N] [--dupe-factor N] [--num-shards N] [--workers N] [--seed N] [--dynamic-masking]
         [--skip-bad-files]
 
-Runs on one node with a process pool (--workers) and across nodes with `mpirun -n N` (mpi4py; the output
-directory must be on a shared filesystem). The output depends only on the inputs, settings and seed.
+Runs on one node with a process pool (--workers) and across nodes with `mpirun -n N biobert prep ...` (mpi4py; the
+output directory must be on a shared filesystem). The output depends only on the inputs, settings and seed.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -20,14 +19,13 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python data_prep/run.py`: import siblings as data_prep.x, not as top-level names
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from tqdm import tqdm
 
+from biobert.config import option, parse
+from biobert.errors import run
 from data_prep import contract, shards
 from data_prep.extract import DataError, find_inputs
 from data_prep.instances import InstanceConfig
@@ -38,28 +36,33 @@ TOOL_VERSION = "biobert-data-prep 0.1.0"
 log = logging.getLogger("data_prep")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PrepConfig:
-    inputs: list[str]
-    output_dir: str
-    vocab: str
-    lower_case: bool | None = None  # None: follow the vocab
-    seq_len: int = 128
-    max_predictions: int | None = None  # None: 20 for 128, 80 for 512 (NVIDIA's settings)
-    masked_lm_prob: float = 0.15
-    short_seq_prob: float = 0.1
-    dupe_factor: int = 1  # dynamic masking makes copies redundant; use 5-10 for static masking (NVIDIA: 5)
-    num_shards: int | None = None  # None: about 65,536 samples per shard
-    workers: int | None = None  # None: every core (one per MPI rank under mpirun)
-    seed: int = 12345
-    dynamic_masking: bool = False
-    whole_word_masking: bool = False
-    skip_bad_files: bool = False
-    block_docs: int = 2000
-    block_sentences: int = 20000
-    group_mb: float = 4.0
-    progress: bool = True
-    settings: dict = field(default_factory=dict)  # filled by main: what went into the fingerprint
+    """PubMed / PMC / text -> pretraining shards."""
+
+    inputs: list[str] = option(help="files or directories of .xml, .xml.gz (PubMed), .nxml (PMC JATS), .txt",
+                               positional=True)
+    output_dir: str = option(help="directory for the shards and manifest.json")
+    vocab: str = option(help="vocab.txt or an HF tokenizer/model directory")
+    lower_case: bool | None = option(None, "lower-case the text (the vocab must be uncased); default: follow the vocab",
+                                     false_aliases=["--cased"])
+    seq_len: int = option(128, "tokens per instance: 128 or 512 (any value in [8, 4096] works)")
+    max_predictions: int | None = option(None, "masked positions per instance (default: 20 for 128, 80 for 512)")
+    masked_lm_prob: float = option(0.15, "fraction of tokens masked")
+    short_seq_prob: float = option(0.1, "fraction of instances made shorter than seq_len (BERT's short_seq_prob)")
+    dupe_factor: int = option(1, "copies of the corpus with different pairs/masks (dynamic masking makes copies "
+                                 "redundant; static masking: 5-10 as in NVIDIA/Google)")
+    num_shards: int | None = option(None, "number of shards (default: one per 65,536 instances)")
+    workers: int | None = option(None, "processes per node (default: every core; one per rank under mpirun)")
+    seed: int = option(12345, "seed: the output bytes depend only on inputs, settings and seed")
+    dynamic_masking: bool = option(False, "store unmasked ids (smaller shards); the loader masks anew each epoch")
+    whole_word_masking: bool = option(False, "mask whole words (all their WordPiece pieces) together")
+    skip_bad_files: bool = option(False, "log unreadable inputs and go on without them")
+    block_docs: int = option(2000, "documents per instance block (NSP random sentences come from the same block)")
+    block_sentences: int = option(20000, "sentences per instance block")
+    group_mb: float = option(4.0, "input MB per work unit (small files are grouped)")
+    progress: bool = option(True, "progress bars")
+    settings: dict = option(factory=dict, help="filled in by the run: what went into the fingerprint", flag=False)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -91,32 +94,7 @@ class PrepConfig:
 
 
 def parse_args(argv: list[str] | None) -> PrepConfig:
-    p = argparse.ArgumentParser(prog="data_prep/run.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("inputs", nargs="+", help="files or directories of .xml, .xml.gz, .nxml, .txt")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--vocab", required=True, help="vocab.txt or an HF tokenizer/model directory")
-    case = p.add_mutually_exclusive_group()
-    case.add_argument("--lower-case", dest="lower_case", action="store_true", default=None,
-                      help="lower-case the text (the vocab must be uncased); default: follow the vocab")
-    case.add_argument("--cased", dest="lower_case", action="store_false",
-                      help="keep case (the vocab must be cased, as BioBERT's)")
-    p.add_argument("--seq-len", type=int, default=128, help="128 or 512 (any value in [8, 4096] works)")
-    p.add_argument("--max-predictions", type=int, default=None, help="default: 20 for 128, 80 for 512")
-    p.add_argument("--masked-lm-prob", type=float, default=0.15)
-    p.add_argument("--short-seq-prob", type=float, default=0.1)
-    p.add_argument("--dupe-factor", type=int, default=1,
-                   help="copies of the corpus with different pairs/masks (static masking: 5-10 as in NVIDIA/Google)")
-    p.add_argument("--num-shards", type=int, default=None, help="default: one per 65,536 instances")
-    p.add_argument("--workers", type=int, default=None, help="processes per node (default: all cores)")
-    p.add_argument("--seed", type=int, default=12345)
-    p.add_argument("--dynamic-masking", action="store_true",
-                   help="store unmasked ids (smaller shards); the loader masks anew each epoch")
-    p.add_argument("--whole-word-masking", action="store_true")
-    p.add_argument("--skip-bad-files", action="store_true", help="log unreadable inputs and go on without them")
-    p.add_argument("--group-mb", type=float, default=4.0, help="input MB per work unit (small files are grouped)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    a = p.parse_args(argv)
-    return PrepConfig(**vars(a))
+    return parse(PrepConfig, argv, prog="biobert prep", description=__doc__)
 
 
 class _Cluster:
@@ -357,13 +335,9 @@ def _finish_summary(summary: dict, t0: float, cluster: _Cluster, up_to_date: boo
 
 def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main(argv)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    main(parse_args(argv))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run(cli))

@@ -10,13 +10,13 @@ so an interrupted run never leaves a directory that looks complete.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from biobert.files import atomic_output, atomic_write
 from data_prep import contract
 from data_prep.work import Block, load_block
 
@@ -52,14 +52,11 @@ def gather_rows(ordered: list[Block], lo: int, hi: int, names) -> dict[str, np.n
 def write_shard(path: Path, arrays: dict[str, np.ndarray], masking: str, attrs: dict) -> contract.ShardInfo:
     """Write one shard under a temp name, fsync, checksum, then rename: a crash leaves no file with a real name."""
     schema = contract.schema_for(masking)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(path) as tmp:
         with h5py.File(tmp, "w") as f:
             for name, (dtype, _) in schema.items():
                 f.create_dataset(name, data=np.ascontiguousarray(arrays[name], dtype=dtype))
             f.attrs.update({"masking": masking, "format_version": contract.FORMAT_VERSION, **attrs})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
         info = contract.ShardInfo(
             file=path.name,
             samples=int(len(arrays["input_ids"])),
@@ -67,11 +64,6 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], masking: str, attrs: 
             sha256=contract.sha256_file(tmp),
             seq_len=int(arrays["input_ids"].shape[1]),
         )
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
     return info
 
 
@@ -86,7 +78,7 @@ def build_shard(out_dir: str, k: int, num_shards: int, ordered: list[Block], see
         arrays[n] = arrays[n][perm]
     path = Path(out_dir) / shard_name(k, num_shards)
     info = write_shard(path, arrays, masking, attrs)
-    contract.atomic_write_text(_sidecar(path), json.dumps({"fingerprint": fingerprint, "shard": asdict(info)}))
+    atomic_write(_sidecar(path), json.dumps({"fingerprint": fingerprint, "shard": asdict(info)}))
     return info
 
 
@@ -122,7 +114,7 @@ def start_run(out_dir: str, fingerprint: str) -> None:
         old = None
     if old is not None and old.settings.get("fingerprint") == fingerprint:
         for info in old.shards:
-            contract.atomic_write_text(_sidecar(out / info.file),
+            atomic_write(_sidecar(out / info.file),
                                        json.dumps({"fingerprint": fingerprint, "shard": asdict(info)}))
     (out / contract.MANIFEST_NAME).unlink(missing_ok=True)
     for f in out.glob(f"shard-*-of-*{contract.SHARD_SUFFIX}"):

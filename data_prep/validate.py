@@ -1,6 +1,6 @@
 """Check a shard directory against the contract and its manifest, and print statistics.
 
-    python data_prep/validate.py DIR [--vocab VOCAB]
+    biobert validate DIR [--vocab VOCAB]
 
 Exit 0 only when the manifest and every shard check out: checksums, datasets, dtypes, shapes, ids within the
 vocab, padding, segment ids, prediction slots (positions inside the sequence, sorted, unique, unused = 0).
@@ -9,17 +9,15 @@ Reads shards in chunks, so memory stays small for any shard size.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python data_prep/validate.py`: import siblings as data_prep.x
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import h5py
 import numpy as np
 
+from biobert.config import option, parse
+from biobert.errors import run
 from data_prep import contract
 
 CHUNK = 1 << 15
@@ -147,21 +145,32 @@ def _check_chunk(path: Path, lo: int, a: dict[str, np.ndarray], m: contract.Mani
     return int(length.sum())
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="data_prep/validate.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("shard_dir")
-    ap.add_argument("--vocab", default=None, help="also check the vocab hash against this vocab.txt / tokenizer dir")
-    args = ap.parse_args(argv)
-    rep = validate(args.shard_dir, args.vocab)
+@dataclass(kw_only=True)
+class ValidateConfig:
+    """Check a shard directory against the contract and its manifest."""
+
+    shard_dir: str = option(help="a data_prep output directory (or NVIDIA shards with a manifest)", positional=True)
+    vocab: str | None = option(None, "also check the vocab hash against this vocab.txt / tokenizer directory")
+
+
+def main(cfg: ValidateConfig) -> Report:
+    if not Path(cfg.shard_dir).is_dir():
+        raise FileNotFoundError(f"{cfg.shard_dir}: not a directory (give a data_prep output directory)")
+    rep = validate(cfg.shard_dir, cfg.vocab)
     s = rep.stats()
-    print(f"{args.shard_dir}: {s['shards']} shards, {s['samples']} samples, {s['tokens']} tokens "
+    print(f"{cfg.shard_dir}: {s['shards']} shards, {s['samples']} samples, {s['tokens']} tokens "
           f"(mean {s['mean_fill']:.1f}/sample), mask rate {s['mask_rate']:.4f}, "
           f"NSP random-next {s['nsp_random_fraction']:.3f}")
     for e in rep.errors:
         print(f"error: {e}", file=sys.stderr)
     print("OK" if rep.ok else f"FAILED: {len(rep.errors)} problem(s)")
-    return 0 if rep.ok else 1
+    return rep
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Exit 0 when everything checks out, 1 when a shard or the manifest does not."""
+    return 0 if main(parse(ValidateConfig, argv, prog="biobert validate", description=__doc__)).ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(cli))

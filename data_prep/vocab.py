@@ -1,24 +1,23 @@
 """Train a domain WordPiece vocab from the corpus (the PubMedBERT option) with HF `tokenizers`.
 
-    python data_prep/vocab.py INPUT... --output-dir DIR --vocab-size N [--lower-case|--cased]
+    biobert vocab INPUT... --output-dir DIR --vocab-size N [--lower-case|--cased]
 
 Writes DIR/vocab.txt (BERT special tokens first) and DIR/tokenizer_config.json (do_lower_case), so the
-result is accepted by `run.py --vocab DIR` and by HF's BertTokenizer. Text is streamed; nothing is held.
+result is accepted by `biobert prep --vocab DIR` and by HF's BertTokenizer. Text is streamed; nothing is held.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python data_prep/vocab.py`: import siblings as data_prep.x
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from tokenizers.implementations import BertWordPieceTokenizer
 
-from data_prep.contract import atomic_write_text
+from biobert.config import option, parse
+from biobert.errors import run
+from biobert.files import atomic_write
 from data_prep.extract import DataError, find_inputs, iter_documents
 from data_prep.sentences import split_sentences
 from data_prep.wordpiece import SPECIAL_TOKENS
@@ -50,33 +49,36 @@ def train_vocab(inputs: list[str], output_dir: str | Path, vocab_size: int, lowe
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    atomic_write_text(out / "vocab.txt", "".join(t + "\n" for t in tokens))
+    atomic_write(out / "vocab.txt", "".join(t + "\n" for t in tokens))
     config = {"do_lower_case": lower_case, "tokenizer_class": "BertTokenizer", "unk_token": "[UNK]",
               "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]",
               "strip_accents": lower_case, "model_max_length": 512}
-    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2))
+    atomic_write(out / "tokenizer_config.json", json.dumps(config, indent=2))
     return out / "vocab.txt"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="data_prep/vocab.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("inputs", nargs="+")
-    ap.add_argument("--output-dir", required=True)
-    ap.add_argument("--vocab-size", type=int, required=True)
-    case = ap.add_mutually_exclusive_group()
-    case.add_argument("--lower-case", dest="lower_case", action="store_true", default=False)
-    case.add_argument("--cased", dest="lower_case", action="store_false")
-    ap.add_argument("--min-frequency", type=int, default=2)
-    args = ap.parse_args(argv)
-    try:
-        path = train_vocab(args.inputs, args.output_dir, args.vocab_size, args.lower_case, args.min_frequency)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+@dataclass(kw_only=True)
+class VocabConfig:
+    """Train a WordPiece vocab from the corpus."""
+
+    inputs: list[str] = option(help="files or directories of .xml, .xml.gz, .nxml, .txt", positional=True)
+    output_dir: str = option(help="directory for vocab.txt and tokenizer_config.json")
+    vocab_size: int = option(help="tokens in the vocab, special tokens included (BERT: 30522, BioBERT: 28996)")
+    lower_case: bool = option(False, "lower-case the text (an uncased vocab)", false_aliases=["--cased"])
+    min_frequency: int = option(2, "drop pieces seen fewer times")
+
+
+def main(cfg: VocabConfig) -> Path:
+    path = train_vocab(cfg.inputs, cfg.output_dir, cfg.vocab_size, cfg.lower_case, cfg.min_frequency)
     n = sum(1 for _ in open(path, encoding="utf-8"))
-    print(f"vocab: {n} tokens ({'uncased' if args.lower_case else 'cased'}) -> {path}")
+    print(f"vocab: {n} tokens ({'uncased' if cfg.lower_case else 'cased'}) -> {path}")
+    return path
+
+
+def cli(argv: list[str] | None = None) -> int:
+    main(parse(VocabConfig, argv, prog="biobert vocab", description=__doc__))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(cli))

@@ -1,6 +1,6 @@
 """Quality and speed against a plain HuggingFace ``Trainer`` baseline, on the same model, data and hyperparameters.
 
-  python finetuning/benchmark.py --model minilm --tasks NCBI-disease GAD --max-train-examples 500 \\
+  biobert bench finetune --model minilm --tasks NCBI-disease GAD --max-train-examples 500 \\
       --max-eval-examples 300 --epochs 2 --gad-folds 2 --seeds 1 2 3
 
 For each task: our fine-tuning (finetuning/{ner,re,qa}.py, without dev-set epoch selection so the protocols match) and the baseline
@@ -15,24 +15,23 @@ from __future__ import annotations
 
 import os
 import sys
-
-if __name__ == "__main__":  # finetuning/ on sys.path would shadow the stdlib `re` with finetuning/re.py
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from finetuning.common import load_tokenizer, subsample, write_json, write_text
-from finetuning.config import NERConfig, QAConfig, REConfig, build_parser
+from biobert.config import option, parse_suite
+from biobert.errors import run
+from biobert.files import atomic_write, atomic_write_json
+from finetuning.common import load_tokenizer, subsample
+from finetuning.config import TASK_CONFIGS
 from finetuning.evaluate_all import SCORES, SUITE, default_data_root, run_task, task_config
 from finetuning.heads import resolve_model
 from finetuning.metrics import classification_scores, ner_scores
 from finetuning.ner_data import convert_tags, label_list, read_conll
-from finetuning.re_data import default_negative, label_set, read_re_file, stratified_folds
+from finetuning.relation_data import default_negative, label_set, read_re_file, stratified_folds
 
 
 def _hf_train(model, features: list[dict], cfg, out_dir: str, collator) -> float:
@@ -224,41 +223,44 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(md) + "\n"
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Any fine-tuning config flag (--epochs, --learning-rate, --batch-size, --max-seq-len, "
-               "--max-train-examples, --max-eval-examples, --bucket-by-length/--no-bucket-by-length...) is passed "
-               "to both systems.")
-    parser.add_argument("--data-root", type=Path, default=default_data_root())
-    parser.add_argument("--output-dir", type=Path, default=Path("benchmark_out"))
-    parser.add_argument("--tasks", nargs="+", default=[t.name for t in SUITE], choices=[t.name for t in SUITE])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42],
-                        help="one run of each system per seed (the seed also draws the subsamples): mean +- std")
-    parser.add_argument("--gad-folds", type=int, default=10)
-    args, rest = parser.parse_known_args(argv)
-    given = vars(build_parser(NERConfig, REConfig, QAConfig, only_given=True).parse_args(rest))
-    for key in ("data", "output_dir", "seed", "local_rank"):
+@dataclass(kw_only=True)
+class FinetuneBenchConfig:
+    """Ours vs the HF Trainer on the same data and hyperparameters; every other flag goes to both systems."""
+
+    data_root: str | None = option(None, "the shared data directory (default: $BIOBERT_DATA, else ../shared/data)")
+    output_dir: str = option("benchmark_out", "OUT/benchmark.{json,md} and each run's files")
+    tasks: list[str] = option(factory=lambda: [t.name for t in SUITE], help="tasks to run",
+                              choices=[t.name for t in SUITE])
+    seeds: list[int] = option(factory=lambda: [42], help="one run of each system per seed (the seed also draws the "
+                                                         "subsamples): mean +- std")
+    gad_folds: int = option(10, "cross-validation folds for GAD")
+
+
+def main(cfg: FinetuneBenchConfig, given: dict) -> list[dict]:
+    given = dict(given)
+    for key in ("data", "output_dir", "seed"):
         given.pop(key, None)
     if given.get("num_threads"):
-        torch.set_num_threads(given["num_threads"])
+        torch.set_num_threads(int(given["num_threads"]))
+    data_root = Path(cfg.data_root) if cfg.data_root else default_data_root()
+    out_root = Path(cfg.output_dir)
     model_dir = resolve_model(given.pop("model", "minilm"))
     overrides = {**given, "model": str(model_dir), "select_on_dev": False, "save_model": False, "progress": False}
     rows, verdicts = [], []
     for task in SUITE:
-        if task.name not in args.tasks:
+        if task.name not in cfg.tasks:
             continue
         extra = {}
         if task.name == "GAD":
-            extra["cv_folds"] = args.gad_folds
-        if task.kind == "qa" and given.get("max_seq_len", 384) < 256:
+            extra["cv_folds"] = cfg.gad_folds
+        if task.kind == "qa" and int(given.get("max_seq_len", 384)) < 256:
             extra.update(max_query_len=32, doc_stride=32)  # the QA defaults are sized for 384-token windows
         runs: dict[str, list[dict]] = {"ours": [], "hf_trainer": []}
-        for seed in args.seeds:
-            cfg = task_config(task, args.data_root, args.output_dir / f"seed{seed}", {**overrides, **extra, "seed": seed})
-            ours = run_task(cfg, task.kind)
+        for seed in cfg.seeds:
+            tcfg = task_config(task, data_root, out_root / f"seed{seed}", {**overrides, **extra, "seed": seed})
+            ours = run_task(tcfg, task.kind)
             runs["ours"].append({k: ours[k] for k in SCORES[task.kind]} | {"train_examples_per_s": _our_speed(ours)})
-            runs["hf_trainer"].append(BASELINES[task.kind](cfg, model_dir))
+            runs["hf_trainer"].append(BASELINES[task.kind](tcfg, model_dir))
             for who, per_seed in runs.items():
                 print(f"{task.name:15s} seed {seed:<5d} {who:10s} "
                       + " ".join(f"{k}={v:.4f}" for k, v in per_seed[-1].items()), flush=True)
@@ -266,14 +268,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         verdicts.append(verdict(task_rows))
         print(verdicts[-1], flush=True)
         rows += task_rows
-    write_json(args.output_dir / "benchmark.json",
-               {"args": {k: str(v) for k, v in vars(args).items()}, "config": {k: str(v) for k, v in given.items()},
-                "rows": rows, "verdicts": verdicts})
+    atomic_write_json(out_root / "benchmark.json",
+                      {"args": {k: str(v) for k, v in vars(cfg).items()}, "config": {k: str(v) for k, v in given.items()},
+                       "rows": rows, "verdicts": verdicts})
     md = markdown(rows) + "\n" + "\n".join(f"- {v}" for v in verdicts) + "\n"
-    write_text(args.output_dir / "benchmark.md", md)
+    atomic_write(out_root / "benchmark.md", md)
     print(md)
     return rows
 
 
+def cli(argv: list[str] | None = None) -> int:
+    cfg, given = parse_suite(FinetuneBenchConfig, TASK_CONFIGS.values(), argv, prog="biobert bench finetune",
+                             description=__doc__)
+    main(cfg, given)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run(cli))

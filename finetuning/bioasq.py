@@ -1,22 +1,21 @@
 """BioASQ format converters.
 
-  python finetuning/bioasq.py to-squad BIOASQ.json OUT.json [--keep-unanswered]
+  biobert bioasq to-squad BIOASQ.json OUT.json [--keep-unanswered]
       official BioASQ JSON ({"questions": [{"id", "body", "type", "snippets": [{"text"}], "exact_answer"}]}) ->
       SQuAD v1 training/test data, one paragraph per snippet, ids QUESTIONID_N (factoid questions only).
-  python finetuning/bioasq.py to-submission PREDICTIONS.json OUT.json
+  biobert bioasq to-submission PREDICTIONS.json OUT.json
       our {question id: [ranked answers]} predictions -> the BioASQ factoid submission format.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__":  # finetuning/ on sys.path would shadow the stdlib `re` with finetuning/re.py
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse
 import json
+import sys
+from dataclasses import dataclass
+
+from biobert.config import option, parse
+from biobert.errors import UserError, run
+from biobert.files import atomic_write_json
 
 
 def _synonyms(exact_answer) -> list[str]:
@@ -70,33 +69,37 @@ def predictions_to_bioasq(ranked: dict[str, list[str]], top_k: int = 5) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    from finetuning.common import write_json
+@dataclass(kw_only=True)
+class BioasqConfig:
+    """Convert BioASQ JSON <-> SQuAD / submissions."""
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    to_squad = sub.add_parser("to-squad")
-    to_squad.add_argument("input")
-    to_squad.add_argument("output")
-    to_squad.add_argument("--keep-unanswered", action="store_true")
-    to_sub = sub.add_parser("to-submission")
-    to_sub.add_argument("input")
-    to_sub.add_argument("output")
-    args = parser.parse_args(argv)
+    direction: str = option(help="to-squad or to-submission", choices=("to-squad", "to-submission"), positional=True)
+    input: str = option(help="BioASQ JSON (to-squad) or our predictions JSON (to-submission)", positional=True)
+    output: str = option(help="the JSON to write", positional=True)
+    keep_unanswered: bool = option(False, "to-squad: keep snippets without a gold answer (test data)")
+
+
+def main(cfg: BioasqConfig) -> dict:
     try:
-        with open(args.input, encoding="utf-8") as f:
+        with open(cfg.input, encoding="utf-8") as f:
             doc = json.load(f)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"{args.input}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if args.cmd == "to-squad":
-        out = bioasq_to_squad(doc, args.input, args.keep_unanswered)
-        print(f"{len(out['data'][0]['paragraphs'])} snippets -> {args.output}")
+        raise UserError(f"{cfg.input}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if cfg.direction == "to-squad":
+        out = bioasq_to_squad(doc, cfg.input, cfg.keep_unanswered)
+        print(f"{len(out['data'][0]['paragraphs'])} snippets -> {cfg.output}")
     else:
         if not isinstance(doc, dict):
-            raise SystemExit(f"{args.input}: expected {{question id: [answers]}}")
+            raise UserError(f"{cfg.input}: expected {{question id: [answers]}}")
         out = predictions_to_bioasq(doc)
-    write_json(args.output, out)
+    atomic_write_json(cfg.output, out)
+    return out
+
+
+def cli(argv: list[str] | None = None) -> int:
+    main(parse(BioasqConfig, argv, prog="biobert bioasq", description=__doc__))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(cli))

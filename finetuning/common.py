@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from data_prep.contract import atomic_write_text
+from biobert.errors import UserError
 
 SPLIT_NAMES = {"train": ("train",), "dev": ("dev", "devel", "validation", "valid"), "test": ("test",)}
 
@@ -26,14 +24,40 @@ def find_split(data_dir: str | Path, split: str, exts: Sequence[str]) -> Path | 
 def require_data_dir(data_dir: str) -> Path:
     p = Path(data_dir)
     if not data_dir or not p.is_dir():
-        raise FileNotFoundError(f"--data {data_dir!r} is not a directory")
+        raise UserError(f"--data {data_dir!r} is not a directory: give the task directory holding the train/dev/test "
+                        "files")
     return p
 
 
 def load_tokenizer(model_dir: str | Path):
-    from transformers import AutoTokenizer
+    """The model directory's own tokenizer, checked against the model: a directory without tokenizer files would
+    otherwise get transformers' bare special-token tokenizer, turning every word into [UNK] and scoring 0 silently."""
+    from transformers import AutoTokenizer, BertConfig
 
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model_dir = Path(model_dir)
+    if not any((model_dir / name).is_file() for name in ("vocab.txt", "tokenizer.json")):
+        raise UserError(f"{model_dir} has no tokenizer (vocab.txt or tokenizer.json): copy the tokenizer files of the "
+                        "model it was trained from into it")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    vocab_size = BertConfig.from_json_file(str(model_dir / "config.json")).vocab_size
+    if not 0.9 * vocab_size <= len(tokenizer) <= vocab_size:
+        raise UserError(f"{model_dir}: its tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                        f"{vocab_size}: the tokenizer files belong to another model; copy the right ones in")
+    return tokenizer
+
+
+def trained_labels(model_dir: Path, head_key: str, what: str, looks_right=lambda labels: True) -> list[str]:
+    """Label list of an already fine-tuned model (for --no-do-train), or a UserError when it has no such head."""
+    from transformers import BertConfig
+
+    from finetuning.heads import checkpoint_keys
+
+    id2label = BertConfig.from_json_file(str(model_dir / "config.json")).id2label
+    labels = [id2label[i] for i in range(len(id2label))]
+    if head_key not in checkpoint_keys(model_dir) or not looks_right(labels):
+        raise UserError(f"{model_dir} has no fine-tuned {what} head (labels {labels[:4]}): fine-tune it first "
+                        f"(--do-train, the default), or point --model at a model fine-tuned for {what}")
+    return labels
 
 
 def subsample(items: Sequence, n: int | None, seed: int) -> list:
@@ -43,15 +67,6 @@ def subsample(items: Sequence, n: int | None, seed: int) -> list:
     keep = sorted(random.Random(seed).sample(range(len(items)), n))
     return [items[i] for i in keep]
 
-
-def write_json(path: str | Path, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def write_text(path: str | Path, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_text(path, text)
 
 
 def results_line(task: str, metrics: dict, keys: Sequence[str]) -> str:

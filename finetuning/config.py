@@ -1,47 +1,58 @@
-"""Typed fine-tuning configs with the BioBERT paper's defaults, validated on construction, parsed from the CLI.
+"""Typed fine-tuning configs, validated on construction; every field is a flag of `biobert ner|re|qa` (biobert.config).
 
-Every field is a flag: ``learning_rate`` -> ``--learning-rate``; booleans get ``--x/--no-x``.
+The defaults are the quick recipe: settings that learn in minutes on a CPU with the packaged MiniLM. The HF
+TrainingArguments spellings (``--learning_rate``, ``--num_train_epochs``, ``--per_device_train_batch_size``,
+``--output_dir``, ``--model_name_or_path``...) are accepted as aliases.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass
 
+from biobert.config import check_choices, option
 
-@dataclass
+
+@dataclass(kw_only=True)
 class FinetuneConfig:
-    model: str = "minilm"  # HF BERT dir, URL, or "minilm" (the packaged model); see pretraining.hub
-    data: str = ""  # directory with train/dev/test files of the task
-    output_dir: str = "finetune_out"
-    do_train: bool = True
-    do_eval: bool = True  # score the dev set and write dev metrics
-    select_on_dev: bool = True  # score dev after every epoch and keep the best epoch's weights (when there is a dev set)
-    do_predict: bool = True  # predict the test set and write metrics.json + predictions
-    max_seq_len: int = 128
-    batch_size: int = 32  # per device
-    eval_batch_size: int = 64
-    learning_rate: float = 5e-5
-    epochs: float = 3.0
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    max_train_examples: int | None = None  # subsample (seeded) for quick runs
-    max_eval_examples: int | None = None
-    num_threads: int | None = None  # torch CPU threads
-    bucket_by_length: bool = True  # sort within shuffled pools so batches pad little
-    progress: bool = True
-    save_model: bool = True
-    bf16: bool = False  # autocast on CUDA/CPU; under deepspeed, the bf16 engine
-    deepspeed_config: str | None = None  # JSON for the deepspeed engine when launched by `deepspeed`
-    zero_stage: int = 0  # used when no deepspeed_config is given
+    """Fine-tuning settings shared by NER, RE and QA."""
+
+    model: str = option("minilm", "HF BERT directory, http(s) URL, or 'minilm' (the packaged MiniLM-L6)",
+                        aliases=["--model_name_or_path"])
+    data: str = option(help="task directory with the train/dev/test files")
+    output_dir: str = option("finetune_out", "where metrics.json, the predictions and the fine-tuned model go")
+    do_train: bool = option(True, "fine-tune on the train split")
+    do_eval: bool = option(True, "score the dev split and write dev metrics")
+    select_on_dev: bool = option(True, "score dev after every epoch and keep the best epoch's weights (when there "
+                                       "is a dev split)")
+    do_predict: bool = option(True, "predict the test split and write metrics.json + predictions")
+    max_seq_len: int = option(128, "subword tokens per model input, [CLS] and [SEP] included",
+                              aliases=["--max_seq_length"])
+    batch_size: int = option(32, "training examples per optimizer step, per device",
+                             aliases=["--per_device_train_batch_size"])
+    eval_batch_size: int = option(64, "examples per forward pass when predicting", aliases=["--per_device_eval_batch_size"])
+    learning_rate: float = option(5e-5, "peak learning rate of AdamW (linear warmup, then linear decay to 0)",
+                                  aliases=["--lr"])
+    epochs: float = option(3.0, "passes over the training data (fractions allowed)", aliases=["--num_train_epochs"])
+    warmup_ratio: float = option(0.1, "fraction of the optimizer steps spent warming the learning rate up from 0")
+    weight_decay: float = option(0.01, "AdamW weight decay on weight matrices (never on biases and LayerNorm)")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    seed: int = option(42, "seed of initialisation, data order, dropout and subsampling")
+    max_train_examples: int | None = option(None, "use a seeded random subset of this many training examples")
+    max_eval_examples: int | None = option(None, "use a seeded random subset of this many dev/test examples")
+    num_threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    bucket_by_length: bool = option(True, "sort examples by length within shuffled pools so that batches pad little")
+    progress: bool = option(True, "progress bars and a line per epoch")
+    save_model: bool = option(True, "write the fine-tuned model to OUTPUT_DIR/model")
+    bf16: bool = option(False, "bfloat16 autocast (under the deepspeed launcher: DeepSpeed's bf16 engine)")
+    deepspeed_config: str | None = option(None, "DeepSpeed JSON for runs under a launcher (default: generated "
+                                                "from these settings and --zero-stage)")
+    zero_stage: int = option(0, "ZeRO stage under a launcher when no --deepspeed-config is given", choices=(0, 1, 2))
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.max_seq_len < 16 or self.max_seq_len > 4096:
             raise ValueError(f"max_seq_len must be in [16, 4096], got {self.max_seq_len}")
         for name in ("batch_size", "eval_batch_size"):
@@ -53,6 +64,8 @@ class FinetuneConfig:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.adam_epsilon <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("adam_epsilon must be > 0, weight_decay and max_grad_norm >= 0")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError("zero_stage must be 0, 1 or 2 (fine-tuned models are small; ZeRO-3 is not needed)")
         if not (self.do_train or self.do_eval or self.do_predict):
@@ -62,25 +75,30 @@ class FinetuneConfig:
         return os.path.join(self.output_dir, *parts)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class NERConfig(FinetuneConfig):
-    tag_scheme: str = "auto"  # auto | iob1 | iob2 | iobes (of the input files; training uses IOB2 internally)
-    window_overlap: int = 32  # subword tokens shared by consecutive windows of a long sentence
-    epochs: float = 5.0
+    """Named entity recognition: token-per-line files, entity-level P/R/F1 (conlleval)."""
+
+    tag_scheme: str = option("auto", "tag scheme of the input files (training uses IOB2 internally)",
+                             choices=("auto", "iob1", "iob2", "iobes"))
+    window_overlap: int = option(32, "subword tokens shared by consecutive windows of a sentence longer than "
+                                     "max_seq_len")
+    epochs: float = option(5.0, "passes over the training data (fractions allowed)", aliases=["--num_train_epochs"])
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.tag_scheme not in ("auto", "iob1", "iob2", "iobes"):
-            raise ValueError(f"tag_scheme must be auto, iob1, iob2 or iobes, got {self.tag_scheme!r}")
         if not 0 <= self.window_overlap <= (self.max_seq_len - 2) // 2:
             raise ValueError(f"window_overlap must be in [0, {(self.max_seq_len - 2) // 2}] for this max_seq_len")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class REConfig(FinetuneConfig):
-    cv_folds: int = 0  # > 1: stratified k-fold cross-validation over train (+dev) instead of the test split
-    negative_label: str | None = None  # None: "0" for 0/1 data, "false" when present, else no negative class
-    save_fold_models: bool = False
+    """Relation extraction: sentence classification, positive-class (binary) or micro (multi-class) P/R/F1."""
+
+    cv_folds: int = option(0, "> 1: stratified k-fold cross-validation over train (+dev) instead of the test split")
+    negative_label: str | None = option(None, "the negative class (default: '0' for 0/1 data, 'false' when present, "
+                                              "else none)")
+    save_fold_models: bool = option(False, "with --cv-folds, also save each fold's model")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,19 +106,22 @@ class REConfig(FinetuneConfig):
             raise ValueError(f"cv_folds must be 0 (no CV) or >= 2, got {self.cv_folds}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class QAConfig(FinetuneConfig):
-    max_seq_len: int = 384
-    doc_stride: int = 128
-    max_query_len: int = 64
-    max_answer_len: int = 30  # subword tokens
-    n_best: int = 20
-    top_k: int = 5  # answers per question (BioASQ allows 5)
-    batch_size: int = 24
-    learning_rate: float = 5e-6
-    epochs: float = 3.0
-    holdout_fraction: float = 0.2  # questions held out as test when the data has no test file
-    eval_snippets_per_question: int | None = None
+    """Factoid question answering (BioASQ in SQuAD format): strict/lenient accuracy and MRR over the top 5."""
+
+    max_seq_len: int = option(384, "subword tokens per window (question + context)", aliases=["--max_seq_length"])
+    doc_stride: int = option(128, "context tokens between the starts of neighbouring windows of a long snippet")
+    max_query_len: int = option(64, "question tokens kept")
+    max_answer_len: int = option(30, "longest answer considered, in subword tokens")
+    n_best: int = option(20, "candidate spans kept per snippet")
+    top_k: int = option(5, "answers per question (BioASQ allows 5)")
+    batch_size: int = option(24, "training windows per optimizer step, per device",
+                             aliases=["--per_device_train_batch_size"])
+    learning_rate: float = option(5e-6, "peak learning rate of AdamW", aliases=["--lr"])
+    epochs: float = option(3.0, "passes over the training data", aliases=["--num_train_epochs"])
+    holdout_fraction: float = option(0.2, "questions held out as test when the data has no test file")
+    eval_snippets_per_question: int | None = option(None, "limit the snippets scored per question")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,56 +134,17 @@ class QAConfig(FinetuneConfig):
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
 
 
-_Cfg = typing.TypeVar("_Cfg", bound=FinetuneConfig)
-
-
-def _scalar_type(hint) -> type:
-    """The parser type of ``int | None`` is int; of ``str`` is str."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
-def _none_or(parse):
-    return lambda s: None if s.lower() in ("none", "null", "") else parse(s)
-
-
-def build_parser(
-    *classes: type[FinetuneConfig], description: str = "", only_given: bool = False
-) -> argparse.ArgumentParser:
-    """A flag per config field (of several configs: union). ``only_given``: flags not on the command line are left
-    out of the result, so the caller can overlay them on per-task defaults."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    seen = set()
-    for cls in classes:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in seen:
-                continue
-            seen.add(f.name)
-            flag = "--" + f.name.replace("_", "-")
-            kind = _scalar_type(hints[f.name])
-            default = argparse.SUPPRESS if only_given else f.default
-            if kind is bool:
-                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
-            else:
-                parser.add_argument(flag, dest=f.name, type=_none_or(kind), default=default, help=kind.__name__)
-    # The deepspeed launcher appends --local_rank; the rank is taken from the environment instead.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    return parser
-
-
-def parse_config(cls: type[_Cfg], argv: list[str] | None = None, description: str = "") -> _Cfg:
-    args = vars(build_parser(cls, description=description).parse_args(argv))
-    args.pop("local_rank", None)
-    try:
-        return cls(**args)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+TASK_CONFIGS = {"ner": NERConfig, "re": REConfig, "qa": QAConfig}
 
 
 def to_dict(cfg: FinetuneConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["FinetuneConfig", "NERConfig", "REConfig", "QAConfig", "build_parser", "parse_config", "to_dict"]
+def field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def default_of(cls, name: str):
+    """A field's default (for scripts that need e.g. a task's default learning rate without a full config)."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)

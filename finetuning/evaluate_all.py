@@ -1,4 +1,4 @@
-"""Run the BioBERT evaluation suite on one model: ``python finetuning/evaluate_all.py --model DIR --output-dir OUT``.
+"""The BioBERT evaluation suite on one model: ``biobert evaluate --model DIR --output-dir OUT``.
 
 Tasks (under --data-root, default $BIOBERT_DATA or ../shared/data): NCBI-disease and BC5CDR-disease (NER), GAD
 (RE, 10-fold CV), ChemProt (RE), BioASQ (QA). Any task flag (``--epochs 3``, ``--max-train-examples 200``...) is
@@ -7,22 +7,17 @@ passed to every task it applies to. Writes OUT/<task>/..., OUT/summary.json and 
 
 from __future__ import annotations
 
-import os
 import sys
-
-if __name__ == "__main__":  # finetuning/ on sys.path would shadow the stdlib `re` with finetuning/re.py
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetuning.common import write_json, write_text
-from finetuning.config import FinetuneConfig, NERConfig, QAConfig, REConfig, build_parser
+from biobert.config import build, option, parse_suite
+from biobert.errors import run
+from biobert.files import atomic_write, atomic_write_json
+from finetuning.config import TASK_CONFIGS, FinetuneConfig, field_names
 
-CONFIGS = {"ner": NERConfig, "re": REConfig, "qa": QAConfig}
+CONFIGS = TASK_CONFIGS
 SCORES = {"ner": ("precision", "recall", "f1"), "re": ("precision", "recall", "f1"),
           "qa": ("strict_accuracy", "lenient_accuracy", "mrr")}
 
@@ -45,21 +40,26 @@ SUITE = (
 
 
 def default_data_root() -> Path:
-    return Path(os.environ.get("BIOBERT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    """$BIOBERT_DATA, else ../shared/data beside the working directory (where a checkout keeps it)."""
+    import os
+
+    return Path(os.environ.get("BIOBERT_DATA") or Path.cwd().parent / "shared" / "data")
 
 
 def task_config(task: SuiteTask, data_root: Path, output_dir: Path, overrides: dict) -> FinetuneConfig:
+    """The task's config: its suite defaults < ``overrides`` (only the keys this task has), typed and validated."""
     cls = CONFIGS[task.kind]
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = field_names(cls)
     values = {**task.defaults, **{k: v for k, v in overrides.items() if k in names}}
-    return cls(**values, data=str(data_root / task.subdir), output_dir=str(output_dir / task.name))
+    values.update(data=str(data_root / task.subdir), output_dir=str(output_dir / task.name))
+    return build(cls, values, task.name)
 
 
 def run_task(cfg: FinetuneConfig, kind: str) -> dict:
     if kind == "ner":
         from finetuning.ner import main
     elif kind == "re":
-        from finetuning.re import main
+        from finetuning.relation import main
     else:
         from finetuning.qa import main
     return main(cfg)
@@ -81,32 +81,49 @@ def _train_speed(metrics: dict) -> float:
     return seen / secs if secs else 0.0
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=default_data_root())
-    parser.add_argument("--output-dir", type=Path, default=Path("eval_out"))
-    parser.add_argument("--tasks", nargs="+", default=[t.name for t in SUITE], choices=[t.name for t in SUITE])
-    args, rest = parser.parse_known_args(argv)
-    given = vars(build_parser(NERConfig, REConfig, QAConfig, only_given=True).parse_args(rest))
-    given.pop("data", None)
-    given.pop("output_dir", None)
+@dataclass(kw_only=True)
+class SuiteConfig:
+    """The BioBERT evaluation suite on one model."""
+
+    data_root: str | None = option(None, "the shared data directory (default: $BIOBERT_DATA, else ../shared/data)")
+    output_dir: str = option("eval_out", "OUT/<task>/... per task, OUT/summary.json and OUT/summary.md")
+    tasks: list[str] = option(factory=lambda: [t.name for t in SUITE], help="tasks to run",
+                              choices=[t.name for t in SUITE])
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - {t.name for t in SUITE})
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}: choose from {[t.name for t in SUITE]}")
+
+
+def main(cfg: SuiteConfig, task_overrides: dict) -> list[dict]:
+    data_root, out = Path(cfg.data_root) if cfg.data_root else default_data_root(), Path(cfg.output_dir)
     rows = []
     for task in SUITE:
-        if task.name not in args.tasks:
+        if task.name not in cfg.tasks:
             continue
-        cfg = task_config(task, args.data_root, args.output_dir, given)
+        task_cfg = task_config(task, data_root, out, task_overrides)
         t0 = time.perf_counter()
-        metrics = run_task(cfg, task.kind)
+        metrics = run_task(task_cfg, task.kind)
         row = {"task": task.name, "kind": task.kind, "seconds": time.perf_counter() - t0,
                "train_examples_per_s": _train_speed(metrics)}
         row.update({k: metrics[k] for k in metrics if k.split("_std")[0] in SCORES[task.kind]})
         rows.append(row)
         print(f"{task.name}: " + " ".join(f"{k}={row[k]:.4f}" for k in SCORES[task.kind]))
-    write_json(args.output_dir / "summary.json", rows)
-    write_text(args.output_dir / "summary.md", summary_markdown(rows))
+    atomic_write_json(out / "summary.json", rows)
+    atomic_write(out / "summary.md", summary_markdown(rows))
     print(summary_markdown(rows))
     return rows
 
 
+def cli(argv: list[str] | None = None) -> int:
+    cfg, tasks = parse_suite(SuiteConfig, CONFIGS.values(), argv, prog="biobert evaluate", description=__doc__)
+    for key in ("data", "output_dir"):
+        if key in tasks:
+            raise ValueError(f"--{key.replace('_', '-')} is set per task by the suite: use --data-root / --output-dir")
+    main(cfg, tasks)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run(cli))

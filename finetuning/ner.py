@@ -1,4 +1,4 @@
-"""Biomedical NER fine-tuning: ``python finetuning/ner.py --model DIR --data DIR --output-dir OUT``.
+"""Biomedical NER fine-tuning: ``biobert ner --model DIR --data DIR --output-dir OUT``.
 
 DATA holds train/devel/test .tsv (token<TAB>label or CoNLL columns). Writes OUT/metrics.json (test entity P/R/F1
 with conlleval semantics, per type; dev scores under "dev"), OUT/{dev,test}_predictions.tsv in the input format, and
@@ -7,27 +7,18 @@ the fine-tuned model as an HF directory OUT/model.
 
 from __future__ import annotations
 
-import os
 import sys
-
-if __name__ == "__main__":  # `python finetuning/ner.py` puts finetuning/ on sys.path, where re.py shadows the stdlib
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import numpy as np
 
-from finetuning.common import (
-    find_split,
-    load_tokenizer,
-    require_data_dir,
-    results_line,
-    subsample,
-    write_json,
-    write_text,
-)
-from finetuning.config import NERConfig, parse_config, to_dict
+from biobert.config import parse
+from biobert.errors import UserError, run
+from biobert.files import atomic_write, atomic_write_json
+from finetuning.common import find_split, load_tokenizer, require_data_dir, results_line, subsample, trained_labels
+from finetuning.config import NERConfig, to_dict
 from finetuning.heads import BertForTokenClassification, load_head, resolve_model
 from finetuning.metrics import ner_scores
-from finetuning.ner_data import NERFile, conll_text, convert_tags, encode_sentences, label_list, read_conll
+from finetuning.ner_data import TAG_PATTERN, NERFile, conll_text, convert_tags, encode_sentences, label_list, read_conll
 from finetuning.trainer import fit, predict, setup_runtime
 
 EXTS = (".tsv", ".txt", ".conll", ".iob", ".iob2")
@@ -84,14 +75,12 @@ def main(cfg: NERConfig) -> dict:
     dev = _read(find_split(data, "dev", EXTS), cfg, cfg.max_eval_examples)
     test = _read(find_split(data, "test", EXTS), cfg, cfg.max_eval_examples) if cfg.do_predict else None
     if cfg.do_train and train is None:
-        raise FileNotFoundError(f"{data}: no train{EXTS[0]} for --do-train")
+        raise UserError(f"{data}: no train file ({', '.join('train' + e for e in EXTS)}) for --do-train")
     if train is not None:
         labels = train.all_labels
     else:  # evaluating an already fine-tuned model: its config carries the label set
-        from transformers import BertConfig
-
-        id2label = BertConfig.from_json_file(str(model_dir / "config.json")).id2label
-        labels = [id2label[i] for i in range(len(id2label))]
+        labels = trained_labels(model_dir, "classifier.weight", "NER",
+                                lambda labels: "O" in labels and all(TAG_PATTERN.match(lab) for lab in labels))
     task = NERTask(cfg, tokenizer, labels)
     for f in (dev, test):
         if f is not None:
@@ -111,7 +100,7 @@ def main(cfg: NERConfig) -> dict:
         scores, pred = task.evaluate(model, f, rt)
         metrics[name] = scores
         if rt.is_main:
-            write_text(cfg.output_path(f"{name}_predictions.tsv"), conll_text(f, pred))
+            atomic_write(cfg.output_path(f"{name}_predictions.tsv"), conll_text(f, pred))
     final = metrics.get("test") or metrics.get("dev") or {}
     metrics.update({k: final[k] for k in ("precision", "recall", "f1", "per_type") if k in final})
     metrics["config"] = to_dict(cfg)
@@ -120,10 +109,15 @@ def main(cfg: NERConfig) -> dict:
             from pretraining.model import save_pretrained
 
             save_pretrained(model, cfg.output_path("model"), tokenizer_dir=model_dir)
-        write_json(cfg.output_path("metrics.json"), metrics)
+        atomic_write_json(cfg.output_path("metrics.json"), metrics)
         print(results_line("ner", metrics, ("precision", "recall", "f1")))
     return metrics
 
 
+def cli(argv: list[str] | None = None) -> int:
+    main(parse(NERConfig, argv, prog="biobert ner", description=__doc__))
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_config(NERConfig, description=__doc__))
+    sys.exit(run(cli))

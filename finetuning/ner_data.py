@@ -14,7 +14,7 @@ from pathlib import Path
 
 from finetuning.metrics import extract_entities
 
-_TAG = re.compile(r"^(O|[BIES]-\S+)$")
+TAG_PATTERN = re.compile(r"^(O|[BIES]-\S+)$")
 
 
 @dataclass
@@ -65,7 +65,7 @@ def read_conll(path: str | Path, scheme: str = "auto") -> NERFile:
                 prefix, label, token = line[: cut + 1], cols[-1], cols[0]
             if cut < 0 or not token.strip():
                 raise ValueError(f"{path}:{line_no}: expected 'token<TAB>label' (or CoNLL columns), got {line!r}")
-            if not _TAG.match(label):
+            if not TAG_PATTERN.match(label):
                 raise ValueError(f"{path}:{line_no}: invalid tag {label!r} (expected O, B-X, I-X, E-X or S-X)")
             if cur is None:
                 cur = Sentence([], [], [], line_no, pending_before)

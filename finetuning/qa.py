@@ -1,4 +1,4 @@
-"""BioASQ factoid QA fine-tuning: ``python finetuning/qa.py --model DIR --data DIR --output-dir OUT``.
+"""BioASQ factoid QA fine-tuning: ``biobert qa --model DIR --data DIR --output-dir OUT``.
 
 DATA holds train/dev/test .json in SQuAD v1 format (one snippet per paragraph); a directory with a single JSON is split
 by question (``--holdout-fraction``). A model directory that already has ``qa_outputs`` weights (e.g. fine-tuned on
@@ -9,18 +9,16 @@ question, SQuAD EM/F1 per snippet), OUT/{split}_predictions.json, _nbest.json, _
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__":  # `python finetuning/qa.py` puts finetuning/ on sys.path, where re.py shadows the stdlib
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
 import logging
+import sys
 from pathlib import Path
 
+from biobert.config import parse
+from biobert.errors import UserError, run
+from biobert.files import atomic_write_json
 from finetuning.bioasq import predictions_to_bioasq
-from finetuning.common import find_split, load_tokenizer, require_data_dir, results_line, subsample, write_json
-from finetuning.config import QAConfig, parse_config, to_dict
+from finetuning.common import find_split, load_tokenizer, require_data_dir, results_line, subsample
+from finetuning.config import QAConfig, to_dict
 from finetuning.heads import BertForQuestionAnswering, checkpoint_keys, load_head, resolve_model
 from finetuning.metrics import bioasq_factoid_scores, squad_exact, squad_f1
 from finetuning.qa_data import (
@@ -95,6 +93,9 @@ def main(cfg: QAConfig) -> dict:
     splits = load_splits(cfg, data)
     model = load_head(model_dir, BertForQuestionAnswering)
     head_kept = "qa_outputs.weight" in checkpoint_keys(model_dir)
+    if not cfg.do_train and not head_kept:
+        raise UserError(f"{model_dir} has no fine-tuned QA head (qa_outputs weights): fine-tune it first (--do-train, "
+                        "the default), or point --model at a QA-fine-tuned model")
     if head_kept:
         log.warning("%s: starting from its fine-tuned qa_outputs head", model_dir)
     metrics: dict = {"task": "qa", "qa_head_from_checkpoint": head_kept}
@@ -111,9 +112,9 @@ def main(cfg: QAConfig) -> dict:
         scores, ranked, nbest = task.evaluate(model, splits[name][0], rt)
         metrics[name] = {**scores, "source": splits[name][1]}
         if rt.is_main:
-            write_json(cfg.output_path(f"{name}_predictions.json"), ranked)
-            write_json(cfg.output_path(f"{name}_nbest.json"), {ex.id: spans for ex, spans in zip(splits[name][0], nbest)})
-            write_json(cfg.output_path(f"{name}_bioasq.json"), predictions_to_bioasq(ranked, cfg.top_k))
+            atomic_write_json(cfg.output_path(f"{name}_predictions.json"), ranked)
+            atomic_write_json(cfg.output_path(f"{name}_nbest.json"), {ex.id: spans for ex, spans in zip(splits[name][0], nbest)})
+            atomic_write_json(cfg.output_path(f"{name}_bioasq.json"), predictions_to_bioasq(ranked, cfg.top_k))
     final = metrics.get("test") or metrics.get("dev") or {}
     metrics.update({k: v for k, v in final.items() if k != "source"})
     metrics["config"] = to_dict(cfg)
@@ -122,10 +123,15 @@ def main(cfg: QAConfig) -> dict:
             from pretraining.model import save_pretrained
 
             save_pretrained(model, cfg.output_path("model"), tokenizer_dir=model_dir)
-        write_json(cfg.output_path("metrics.json"), metrics)
+        atomic_write_json(cfg.output_path("metrics.json"), metrics)
         print(results_line("qa", metrics, (*SCORE_KEYS, "squad_exact_match", "squad_f1")))
     return metrics
 
 
+def cli(argv: list[str] | None = None) -> int:
+    main(parse(QAConfig, argv, prog="biobert qa", description=__doc__))
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_config(QAConfig, description=__doc__))
+    sys.exit(run(cli))

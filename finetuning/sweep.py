@@ -1,25 +1,22 @@
 """Seeds x learning rates for one task, reported as mean +- std (markdown and JSON).
 
-  python finetuning/sweep.py --task ner --seeds 1 2 3 --learning-rates 5e-5 3e-5 -- --model DIR --data DIR \\
-      --output-dir OUT [any task flag]
+  biobert sweep --task ner --seeds 1 2 3 --learning-rates 5e-5 3e-5 --model DIR --data DIR --output-dir OUT \\
+      [any task flag]
 
 Each run goes to OUT/lr{lr}_seed{seed}/ (its own metrics.json, predictions, model); the table to OUT/sweep.{md,json}.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__":  # finetuning/ on sys.path would shadow the stdlib `re` with finetuning/re.py
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse
 import dataclasses
+import os
 import statistics
+import sys
+from dataclasses import dataclass
 
-from finetuning.common import write_json, write_text
-from finetuning.config import build_parser
+from biobert.config import build, option, parse_suite
+from biobert.errors import run
+from biobert.files import atomic_write, atomic_write_json
 from finetuning.evaluate_all import CONFIGS, SCORES, run_task
 
 
@@ -46,30 +43,39 @@ def markdown(rows: list[dict], keys: tuple[str, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=sorted(CONFIGS), required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=None)
-    args, rest = parser.parse_known_args(argv)
-    rest = [a for a in rest if a != "--"]
-    cls = CONFIGS[args.task]
-    base = cls(**{k: v for k, v in vars(build_parser(cls).parse_args(rest)).items() if k != "local_rank"})
-    keys = SCORES[args.task]
+@dataclass(kw_only=True)
+class SweepConfig:
+    """Seeds x learning rates for one task; every other flag is the task's."""
+
+    task: str = option(help="which fine-tuning task", choices=("ner", "re", "qa"))
+    seeds: list[int] = option(factory=lambda: [1, 2, 3], help="one run per seed and learning rate")
+    learning_rates: list[float] | None = option(None, "learning rates to try (default: the task's --learning-rate)")
+
+
+def main(cfg: SweepConfig, task_values: dict) -> dict:
+    base = build(CONFIGS[cfg.task], task_values, cfg.task)
+    keys = SCORES[cfg.task]
     runs = []
-    for lr in args.learning_rates or [base.learning_rate]:
-        for seed in args.seeds:
+    for lr in cfg.learning_rates or [base.learning_rate]:
+        for seed in cfg.seeds:
             out = os.path.join(base.output_dir, f"lr{lr:g}_seed{seed}")
-            cfg = dataclasses.replace(base, learning_rate=lr, seed=seed, output_dir=out)
-            metrics = run_task(cfg, args.task)
+            run_cfg = dataclasses.replace(base, learning_rate=lr, seed=seed, output_dir=out)
+            metrics = run_task(run_cfg, cfg.task)
             runs.append({"learning_rate": lr, "seed": seed, "output_dir": out, **{k: metrics[k] for k in keys}})
     rows = aggregate(runs, keys)
-    result = {"task": args.task, "runs": runs, "table": rows}
-    write_json(os.path.join(base.output_dir, "sweep.json"), result)
-    write_text(os.path.join(base.output_dir, "sweep.md"), markdown(rows, keys))
+    result = {"task": cfg.task, "runs": runs, "table": rows}
+    atomic_write_json(os.path.join(base.output_dir, "sweep.json"), result)
+    atomic_write(os.path.join(base.output_dir, "sweep.md"), markdown(rows, keys))
     print(markdown(rows, keys))
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]  # the old `-- TASK FLAGS` form
+    cfg, task_values = parse_suite(SweepConfig, CONFIGS.values(), argv, prog="biobert sweep", description=__doc__)
+    main(cfg, task_values)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run(cli))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -40,23 +39,23 @@ class Runtime:
 
 
 def setup_runtime(cfg: FinetuneConfig) -> Runtime:
-    """Seeds, CPU threads, and the distributed backend when a launcher started us."""
+    """Seeds, CPU threads, and the process group when a launcher started us (deepspeed, torchrun, srun, mpirun: the
+    same rank discovery as pretraining, so `srun -n 4` is one 4-rank job, not four jobs writing one directory)."""
+    from biobert import dist
+
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    launched = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not launched:
+    env = dist.discover()
+    if env.launcher == "python":
+        device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         return Runtime(device)
-    from pretraining.distributed import init_deepspeed_backend
-
-    init_deepspeed_backend()
-    return Runtime(device, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), deepspeed=True)
+    dist.init()
+    return Runtime(dist.device(), env.rank, env.world_size, deepspeed=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------- data
@@ -120,24 +119,14 @@ def _autocast(cfg: FinetuneConfig, rt: Runtime):
 
 
 def build_optimizer(model: nn.Module, cfg: FinetuneConfig, total_steps: int):
-    """AdamW without weight decay on biases and LayerNorm (as BERT), linear warmup then linear decay to 0."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop; on a 30k-word BERT the
-    # embedding matrix makes the optimizer step a large share of a fine-tuning step.
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=fused)
-    warmup = int(cfg.warmup_ratio * total_steps)
+    """pretraining.optim's AdamW (no decay on biases and LayerNorm, as BERT; torch's fused kernel on CPU and CUDA)
+    and its schedule: linear warmup over warmup_ratio of the steps, then linear decay to 0."""
+    from pretraining.optim import build_optimizer as build
+    from pretraining.optim import build_scheduler
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    device = next(model.parameters()).device.type
+    opt = build(model, "adamw", cfg.learning_rate, (0.9, 0.999), cfg.adam_epsilon, cfg.weight_decay, device_type=device)
+    return opt, build_scheduler(opt, int(cfg.warmup_ratio * total_steps), total_steps, "linear")
 
 
 def _deepspeed_config(cfg: FinetuneConfig, rt: Runtime) -> dict:

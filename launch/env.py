@@ -1,26 +1,23 @@
-"""What a launch will look like, derived before it spends GPU hours: hosts, ranks per node, world size, master
-address/port, DeepSpeed hostfile, accelerator (and, given the configs, the batch split for that world size).
+"""`biobert plan`: what a launch will look like, derived before it spends GPU hours: hosts, ranks per node, world
+size, master address/port, DeepSpeed hostfile, accelerator (and, given a recipe, the batch split for that world size).
 
-    python launch/env.py                                  # inside `salloc`/sbatch, under mpirun, or on a laptop
-    python launch/env.py --nproc-per-node 8 --hostfile hostfile.txt
-    python launch/env.py --config RUN.yaml --deepspeed_config X.json [k=v ...]  # + global/micro/accum check
-    python launch/env.py --shell                          # `export ...` lines for a batch script to eval
-    srun python launch/env.py --json                      # what each task would see (rank via pretraining's discover)
+    biobert plan                                          # inside `salloc`/sbatch, under mpirun, or on a laptop
+    biobert plan --nproc-per-node 8 --hostfile hosts.txt  # read a DeepSpeed/Open MPI hostfile
+    biobert plan --config RECIPE [k=v ...]                # + the global/micro/accumulation split, or exit 2
+    biobert plan --shell --write-hostfile FILE            # `export ...` lines for a batch script to eval
+    srun biobert plan --json                              # what each task would see (rank discovery)
 
 Sources, first match wins:
-  hosts:          SLURM_JOB_NODELIST (Slurm hostlist syntax: gpu[01-04,07],rack[1-2]-n[1-2]) | $HOSTFILE (DeepSpeed/
-                  Open MPI "host slots=N" lines) | this host
+  hosts:          SLURM_JOB_NODELIST (Slurm hostlist syntax: gpu[01-04,07],rack[1-2]-n[1-2]) | --hostfile / $HOSTFILE
+                  (DeepSpeed/Open MPI "host slots=N" lines) | this host
   ranks per node: --nproc-per-node / $NPROC_PER_NODE | SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE ("8(x4)") |
-                  slots= in $HOSTFILE | GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES, nvidia-smi -L) | 1
-  master:         $MASTER_ADDR | first host (127.0.0.1 on one host without Slurm); $MASTER_PORT | 20000 + job id
-                  mod 20000 under Slurm (all nodes agree; two jobs sharing a node do not collide) | 29500
-  accelerator:    $DS_ACCELERATOR | $DEVICE (cpu, cuda/gpu) | cuda when a GPU is visible, else cpu
+                  slots= in the hostfile | GPUs (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES, nvidia-smi -L) | 1
+  master, port, accelerator: the rules of biobert.dist (one definition for every launcher and the ranks themselves);
+                  on one host without Slurm the port is a free one
 """
 
 from __future__ import annotations
 
-import argparse
-import itertools
 import json
 import os
 import re
@@ -32,58 +29,13 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEFAULT_PORT = 29500
-
+from biobert import dist
+from biobert.config import option, parse
+from biobert.dist import DEFAULT_PORT, expand_hostlist
+from biobert.errors import UserError, run
+from biobert.files import atomic_write, free_port
 
 # ---------------------------------------------------------------- Slurm syntax
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets: 'a[1,3],b' -> ['a[1,3]', 'b']."""
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"unbalanced ']' in hostlist {text!r}")
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    if depth:
-        raise ValueError(f"unbalanced '[' in hostlist {text!r}")
-    parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _expand_range(body: str, where: str) -> list[str]:
-    out = []
-    for item in body.split(","):
-        lo, sep, hi = item.partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ValueError(f"bad range {item!r} in hostlist {where!r}")
-        if not sep:
-            out.append(lo)
-            continue
-        if int(hi) < int(lo):
-            raise ValueError(f"descending range {item!r} in hostlist {where!r}")
-        width = len(lo)  # zero padding follows the lower bound, as Slurm does: [08-11] -> 08 09 10 11
-        out.extend(f"{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
-    return out
-
-
-def expand_hostlist(text: str) -> list[str]:
-    """Slurm hostlist -> host names, in Slurm's order ('gpu[01-02],cpu[1,3]' -> gpu01 gpu02 cpu1 cpu3).
-    Several bracket groups in one name expand as a product (rack[1-2]-n[1-2] -> rack1-n1 rack1-n2 rack2-n1 ...)."""
-    hosts: list[str] = []
-    for item in _split_top_level(text):
-        pieces = re.split(r"(\[[^\]]*\])", item)
-        choices = [_expand_range(p[1:-1], text) if p.startswith("[") else [p] for p in pieces if p]
-        hosts.extend("".join(combo) for combo in itertools.product(*choices))
-    return hosts
 
 
 def expand_tasks_per_node(text: str) -> list[int]:
@@ -195,19 +147,6 @@ def _gpu_count(env: dict) -> int:
     return 0
 
 
-def _accelerator(env: dict, gpus: int) -> str:
-    if env.get("DS_ACCELERATOR"):
-        return env["DS_ACCELERATOR"]
-    device = env.get("DEVICE", "auto").lower()
-    if device in ("gpu", "cuda"):
-        return "cuda"
-    if device == "cpu":
-        return "cpu"
-    if device != "auto":
-        raise ValueError(f"DEVICE={device!r}: expected auto, cpu or cuda")
-    return "cuda" if gpus > 0 else "cpu"
-
-
 def derive(environ: dict | None = None, nproc_per_node: int | None = None) -> LaunchPlan:
     """The launch plan from a Slurm allocation, a hostfile or this host (see the module docstring for precedence)."""
     env = dict(os.environ if environ is None else environ)
@@ -227,9 +166,12 @@ def derive(environ: dict | None = None, nproc_per_node: int | None = None) -> La
         else:
             slots = [max(gpus, 1)] * len(hosts)
         default_addr = hosts[0]
-        default_port = 20000 + int(job_id) % 20000 if job_id and job_id.isdigit() else DEFAULT_PORT
+        default_port = dist.default_port(env)
     elif env.get("HOSTFILE"):
         scheduler, job_id = "hostfile", None
+        if not Path(env["HOSTFILE"]).is_file():
+            raise UserError(f"hostfile {env['HOSTFILE']}: no such file (give a DeepSpeed/Open MPI hostfile: "
+                            "'host slots=N' per line)")
         pairs = read_hostfile(env["HOSTFILE"])
         hosts = [h for h, _ in pairs]
         slots = [nproc_per_node or s for _, s in pairs]
@@ -238,68 +180,71 @@ def derive(environ: dict | None = None, nproc_per_node: int | None = None) -> La
         scheduler, job_id = "local", None
         hosts = [socket.gethostname()]
         slots = [nproc_per_node or max(gpus, 1)]
-        default_addr, default_port = "127.0.0.1", DEFAULT_PORT
+        # one host: nothing else has to agree on the port, so take a free one (two local runs cannot collide)
+        default_addr, default_port = "127.0.0.1", free_port()
     return LaunchPlan(scheduler=scheduler, hosts=hosts, slots=slots,
                       master_addr=env.get("MASTER_ADDR") or default_addr,
                       master_port=int(env.get("MASTER_PORT") or default_port),
-                      accelerator=_accelerator(env, gpus), job_id=job_id)
+                      accelerator=dist.accelerator(env, gpus), job_id=job_id)
 
 
-def batch_check(config: str, deepspeed_config: str | None, world_size: int, overrides: list[str] | None = None) -> str:
-    """The batch split the engine will use at this world size, or the engine's own error message."""
+def batch_split(config: str, world_size: int, overrides: list[str] | None = None) -> str:
+    """The batch split the engine will use at this world size; the engine's own error (ValueError) otherwise."""
     from pretraining.config import load_config  # yaml only: no torch import
 
-    try:
-        cfg = load_config(config, deepspeed_config, overrides)
-        r = cfg.batch.resolved(world_size)
-    except (ValueError, FileNotFoundError) as e:
-        return f"ERROR: {e}"
+    cfg = load_config(config, None, overrides)
+    r = cfg.batch.resolved(world_size)
     return (f"global batch {r['train_batch_size']} = micro {r['train_micro_batch_size_per_gpu']} x accumulation "
             f"{r['gradient_accumulation_steps']} x {world_size} ranks; max_steps {cfg.max_steps} -> "
             f"{cfg.max_steps * r['train_batch_size']:,} samples; output {cfg.output_dir}")
 
 
 def process_view() -> dict:
-    """What pretraining/distributed.py discovers in this very process (run under srun/mpirun to see each rank)."""
-    from pretraining.distributed import discover  # imports torch: only on request
-
-    return asdict(discover())
+    """What biobert.dist discovers in this very process (run under srun/mpirun to see each rank)."""
+    return asdict(dist.discover())
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nproc-per-node", type=int, default=None, help="ranks per node (default: derived)")
-    p.add_argument("--hostfile", default=None, help="write a DeepSpeed/Open MPI hostfile here")
-    p.add_argument("--config", default=None, help="run config: also check the batch split for this world size")
-    p.add_argument("--deepspeed_config", default=None)
-    p.add_argument("overrides", nargs="*", help="the run's key=value overrides (they can change the batch sizes)")
-    out = p.add_mutually_exclusive_group()
-    out.add_argument("--json", action="store_true", help="machine-readable, with this process's rank view")
-    out.add_argument("--shell", action="store_true", help="`export` lines on stdout, the description on stderr")
-    args = p.parse_args(argv)
-    try:
-        plan = derive(nproc_per_node=args.nproc_per_node)
-    except (ValueError, OSError) as e:
-        print(f"launch/env.py: {e}", file=sys.stderr)
-        return 2
-    if args.hostfile:
-        Path(args.hostfile).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{args.hostfile}.tmp{os.getpid()}")
-        tmp.write_text(plan.hostfile)
-        os.replace(tmp, args.hostfile)
-    check = batch_check(args.config, args.deepspeed_config, plan.world_size, args.overrides) if args.config else None
-    if args.json:
-        print(json.dumps(dict(asdict(plan), world_size=plan.world_size, hostfile=plan.hostfile, batch=check,
+@dataclass(kw_only=True)
+class PlanConfig:
+    """What a launch will do here."""
+
+    nproc_per_node: int | None = option(None, "ranks per node (default: derived)")
+    hostfile: str | None = option(None, "read hosts and slots from this DeepSpeed/Open MPI hostfile (as $HOSTFILE)")
+    write_hostfile: str | None = option(None, "write the derived DeepSpeed/Open MPI hostfile here")
+    config: str | None = option(None, "a pretraining recipe (name or path): also check its batch split for this "
+                                      "world size")
+    overrides: list[str] = option(factory=list, help="the run's key=value overrides (they can change the batch)",
+                                  positional=True)
+    json: bool = option(False, "machine-readable, with this process's rank view")
+    shell: bool = option(False, "`export` lines on stdout, the description on stderr")
+
+
+def main(cfg: PlanConfig) -> dict:
+    environ = dict(os.environ)
+    if cfg.hostfile:
+        environ["HOSTFILE"] = cfg.hostfile
+    plan = derive(environ, nproc_per_node=cfg.nproc_per_node)
+    if cfg.write_hostfile:
+        atomic_write(cfg.write_hostfile, plan.hostfile)
+    split = batch_split(cfg.config, plan.world_size, cfg.overrides) if cfg.config else None
+    if cfg.json:
+        print(json.dumps(dict(asdict(plan), world_size=plan.world_size, hostfile=plan.hostfile, batch=split,
                               process=process_view()), indent=2))
-    elif args.shell:
-        print(plan.describe() + (f"\nbatch          : {check}" if check else ""), file=sys.stderr)
+    elif cfg.shell:
+        print(plan.describe() + (f"\nbatch          : {split}" if split else ""), file=sys.stderr)
         print(plan.shell(), end="")
     else:
-        print(plan.describe() + (f"\nbatch          : {check}" if check else ""))
-    return 1 if check and check.startswith("ERROR") else 0
+        print(plan.describe() + (f"\nbatch          : {split}" if split else ""))
+    return {"plan": plan, "batch": split}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    cfg = parse(PlanConfig, argv, prog="biobert plan", description=__doc__, config_file=False)
+    if cfg.json and cfg.shell:
+        raise UserError("--json and --shell: choose one")
+    main(cfg)
+    return 0
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):  # `python launch/env.py`: the repo root, not launch/, on the path
-        sys.path[0] = str(Path(__file__).resolve().parents[1])
-    sys.exit(main())
+    sys.exit(run(cli))

@@ -1,9 +1,9 @@
 """The whole BioBERT pipeline as one command (what `make demo` runs).
 
-    python launch/pipeline.py --output-dir demo_out                      # embedded default, CPU, a few minutes
-    python launch/pipeline.py --output-dir runs/pubmed --corpus /data/pubmed /data/pmc_oa --vocab /models/biobert \\
-        --run-config pretraining/configs/biobert_continued_seq512.yaml --device cuda --nproc 8 \\
-        --ner-data /data/NCBI-disease --seq-len 512 max_steps=100000        # the same stages on real data and GPUs
+    biobert demo --output-dir demo_out                                   # embedded default, CPU, a few minutes
+    biobert demo --output-dir runs/pubmed --corpus /data/pubmed /data/pmc_oa --vocab /models/biobert \\
+        --run-config biobert_continued_seq512 --device cuda --nproc 8 \\
+        --ner-data /data/NCBI-disease --seq-len 512 model.init=/models/biobert max_steps=100000   # real data, GPUs
 
 Stages, each through its own public entry point (the seams are files, not shared state):
   1. data_prep        corpus -> HDF5 shards + manifest  (default: the embedded demo corpus, the packaged MiniLM vocab)
@@ -16,34 +16,42 @@ Trailing key=value arguments are pretraining overrides (e.g. max_steps=50 optimi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from biobert.config import option, parse
+from biobert.errors import run
+from biobert.files import atomic_output, atomic_write_json
+
+LAUNCH = Path(__file__).resolve().parent
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default="demo_out")
-    p.add_argument("--corpus", nargs="*", default=None, help="data_prep inputs (default: the embedded demo corpus)")
-    p.add_argument("--vocab", default=None, help="vocab.txt or HF dir for data_prep (default: the --init model's)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--run-config", default="pretraining/configs/demo_minilm_cpu.yaml")
-    p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: the run config's)")
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--nproc", type=int, default=2, help="ranks (GPUs, or CPU processes)")
-    p.add_argument("--ner-data", default=None, help="NER dir with train/devel/test .tsv (default: generated)")
-    p.add_argument("--ner-epochs", type=float, default=3.0)
-    p.add_argument("--ner-max-train", type=int, default=None, help="subsample NER training sentences")
-    p.add_argument("overrides", nargs="*", help="pretraining run-config overrides, key=value")
-    return p.parse_args(argv)
+@dataclass(kw_only=True)
+class DemoConfig:
+    """The whole pipeline, each stage through its public entry point."""
+
+    output_dir: str = option("demo_out", "everything goes here: shards/, pretrain/, model/, ner/, summary.json")
+    corpus: list[str] | None = option(None, "data_prep inputs (default: the embedded demo corpus)")
+    vocab: str | None = option(None, "vocab.txt or HF dir for data_prep (default: the packaged MiniLM's)")
+    seq_len: int = option(128, "pretraining sequence length")
+    run_config: str = option("demo_minilm_cpu", "pretraining recipe (a packaged name or a YAML path)")
+    ds_config: str | None = option(None, "DeepSpeed JSON (default: the recipe's)")
+    device: str = option("cpu", "where the pretraining ranks run", choices=("auto", "cpu", "cuda"))
+    nproc: int = option(2, "pretraining ranks (GPUs, or CPU processes)")
+    ner_data: str | None = option(None, "NER dir with train/devel/test .tsv (default: generated)")
+    ner_epochs: float = option(3.0, "NER fine-tuning epochs")
+    ner_max_train: int | None = option(None, "subsample NER training sentences")
+    overrides: list[str] = option(factory=list, help="pretraining overrides, key=value (e.g. max_steps=50)",
+                                  positional=True)
+
+
+def parse_args(argv=None) -> DemoConfig:
+    return parse(DemoConfig, argv, prog="biobert demo", description=__doc__)
 
 
 def prepare_data(args, out: Path) -> dict:
@@ -69,10 +77,10 @@ def pretrain(args, out: Path) -> Path:
            "PYTHON": sys.executable}
     if args.ds_config:
         env["DS_CONFIG"] = args.ds_config
-    cmd = ["bash", str(REPO / "launch" / "local.sh"), f"output_dir={run_dir}",
-           f"data.shard_dir={out / 'shards'}", *args.overrides]
+    cmd = ["bash", str(LAUNCH / "local.sh"), f"output_dir={run_dir}", f"data.shard_dir={out / 'shards'}",
+           *args.overrides]
     print("pipeline: " + " ".join(cmd), flush=True)
-    rc = subprocess.run(cmd, cwd=REPO, env=env).returncode
+    rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
         raise RuntimeError(f"pretraining exited {rc} (75 = stopped by a signal after a checkpoint: "
                            "run the same command again to resume)")
@@ -121,14 +129,12 @@ def plot(records: list[dict], path: Path) -> None:
     ax2.plot(steps, [r["samples_per_s"] for r in records], color="tab:green")
     ax2.set(xlabel="step", ylabel="samples/s", title="throughput (all ranks)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def main(args: DemoConfig) -> dict:
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -150,9 +156,7 @@ def main(argv=None) -> dict:
         "plot": str(out / "pipeline.png"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "summary.json")
+    atomic_write_json(out / "summary.json", summary)
     p = summary["pretraining"]
     print(f"pipeline summary | {data['instances']} instances in {data['shards']} shards | pretraining "
           f"{p['steps']} steps, loss {p['first_loss']:.3f} -> {p['final_loss']:.3f}, "
@@ -162,5 +166,10 @@ def main(argv=None) -> dict:
     return summary
 
 
+def cli(argv: list[str] | None = None) -> int:
+    main(parse_args(argv))
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run(cli))

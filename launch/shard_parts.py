@@ -1,12 +1,12 @@
 """A data-prep array job in parts: split the input files across tasks, then join the parts into one shard directory.
 
-    python launch/shard_parts.py slice --task I --tasks N INPUT...   # task I's input files, one per line
-    python launch/shard_parts.py merge OUT_DIR [--parts N]           # OUT_DIR/part-* -> OUT_DIR/manifest.json
+    python -m launch.shard_parts slice --task I --tasks N INPUT...   # task I's input files, one per line
+    python -m launch.shard_parts merge OUT_DIR [--parts N]           # OUT_DIR/part-* -> OUT_DIR/manifest.json
 
 Files are dealt largest first, round robin, so the parts are balanced by bytes; every file lands in exactly one part.
 Each array task writes a complete data_prep output (shards + manifest.json) to OUT_DIR/part-00000, part-00001, ...
 This writes OUT_DIR/manifest.json listing every part's shards by relative path (part-00003/shard-...hdf5), with
-their recorded sha256, so `python data_prep/validate.py OUT_DIR` and the pretraining loader see one dataset.
+their recorded sha256, so `biobert validate OUT_DIR` and the pretraining loader see one dataset.
 Nothing is copied. The parts must agree on everything the loader depends on (seq_len, masking, vocab, ...).
 
 With --parts N it merges only when part-00000 .. part-(N-1) all have their manifest (data_prep writes it last), and
@@ -20,9 +20,6 @@ import argparse
 import fcntl
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from data_prep import contract
 from data_prep.extract import DataError, find_inputs

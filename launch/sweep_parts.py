@@ -1,7 +1,7 @@
 """A fine-tuning sweep (learning rates x seeds) as a Slurm array: which run is task I, and the table once all are done.
 
-    python launch/sweep_parts.py run --index I --lrs 5e-5 3e-5 --seeds 1 2 3      # "LR SEED DIRNAME" of run I
-    python launch/sweep_parts.py collect OUT --task ner --lrs 5e-5 3e-5 --seeds 1 2 3
+    python -m launch.sweep_parts run --index I --lrs 5e-5 3e-5 --seeds 1 2 3      # "LR SEED DIRNAME" of run I
+    python -m launch.sweep_parts collect OUT --task ner --lrs 5e-5 3e-5 --seeds 1 2 3
 
 Run I is (lrs[I // len(seeds)], seeds[I % len(seeds)]) and writes OUT/lr{lr}_seed{seed}: the layout of
 `finetuning/sweep.py`, whose table code `collect` reuses, so an array sweep and a one-job sweep give the same
@@ -32,7 +32,7 @@ def run_for_index(index: int, lrs: list[float], seeds: list[int]) -> tuple[float
 
 
 def collect(out_dir: str | Path, task: str, lrs: list[float], seeds: list[int]) -> dict | None:
-    from finetuning.common import write_json, write_text
+    from biobert.files import atomic_write, atomic_write_json
     from finetuning.evaluate_all import SCORES
     from finetuning.sweep import aggregate, markdown
 
@@ -50,8 +50,8 @@ def collect(out_dir: str | Path, task: str, lrs: list[float], seeds: list[int]) 
             runs.append({"learning_rate": lr, "seed": seed, "output_dir": str(run), **{k: metrics[k] for k in keys}})
     rows = aggregate(runs, keys)
     result = {"task": task, "runs": runs, "table": rows}
-    write_json(out / "sweep.json", result)
-    write_text(out / "sweep.md", markdown(rows, keys))
+    atomic_write_json(out / "sweep.json", result)
+    atomic_write(out / "sweep.md", markdown(rows, keys))
     return result
 
 
@@ -92,6 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):  # `python launch/sweep_parts.py`: finetuning/ must not shadow the stdlib `re`
-        sys.path[0] = str(Path(__file__).resolve().parents[1])
     sys.exit(main())

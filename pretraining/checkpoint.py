@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretraining import distributed as dist
+from biobert import dist
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,8 @@ def resolve(path: str | os.PathLike) -> Path:
         return path
     found = latest_complete(path)
     if found is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint (no step_* folder with {MARKER})")
+        raise FileNotFoundError(f"{path}: not a checkpoint and holds no complete one (no step_* folder with {MARKER}): "
+                                "give a pretraining run's OUTPUT_DIR/checkpoints or one step_* folder in it")
     return found
 
 
@@ -335,7 +336,7 @@ def resharding_refusal(folder: Path, meta: dict, world: int, stage: int) -> str:
         f"refused. Either resume with {meta['world_size']} ranks and stage {meta['zero_stage']}; or set "
         f"checkpoint.reshard=universal to convert it with DeepSpeed's universal checkpoint (ZeRO 1-3; keeps optimizer "
         f"state, schedule and data position); or convert by hand: "
-        f"`python pretraining/export.py {folder} OUT` (full fp32 weights), then start a new run with a new "
+        f"`biobert export {folder} OUT` (full fp32 weights), then start a new run with a new "
         f"output_dir (or checkpoint.resume=never) and `model.init=OUT data.start_sample={samples}` so the data "
         f"continues exactly after the {samples} samples already consumed (optimizer moments and the lr schedule "
         f"restart: set schedule.warmup_steps as wanted).")

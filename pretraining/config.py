@@ -1,22 +1,32 @@
-"""Typed run configuration: YAML/JSON run config + a DeepSpeed JSON config + `key=value` CLI overrides.
+"""Typed run configuration: a recipe (YAML/JSON, packaged by name or a path) + its DeepSpeed JSON + overrides.
 
-Layering (later wins): dataclass defaults < the DeepSpeed config's ``optimizer``/``scheduler`` sections (DeepSpeed's
-own schema, so ``ds_configs/*.json`` are complete recipes) < the run config file < CLI overrides. A value set both in
-the run config file and in the DeepSpeed config is an error unless they agree: a recipe must not be silently half-used.
-Overrides starting with ``ds.`` edit the DeepSpeed config (``ds.train_micro_batch_size_per_gpu=4``).
-
-Batch sizes belong to the DeepSpeed config (``train_batch_size`` = global, ``train_micro_batch_size_per_gpu``,
-``gradient_accumulation_steps``); :meth:`BatchConfig.grad_accum` checks they agree with the world size.
+Layering (later wins): dataclass defaults < the DeepSpeed JSON, read into the typed sections (pretraining.ds_config:
+batch, precision, ZeRO, clipping, optimizer, scheduler) < the run config file < command-line overrides
+(``section.key=value``, or ``ds.key=value`` to edit the DeepSpeed JSON before it is read). A value set both in the run
+config file and in the DeepSpeed JSON is an error unless they agree: a recipe must not be silently half-used. The
+DeepSpeed dict DeepSpeed gets is generated from the typed config (:meth:`RunConfig.deepspeed_dict`). Relative paths in
+a config resolve against the working directory of the command, as every path the user types does.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from biobert.config import (
+    REQUIRED,
+    build,
+    check_choices,
+    deep_merge,
+    known_keys,
+    option,
+    parse_overrides,
+    read_file,
+    set_dotted,
+)
+from pretraining.ds_config import EngineConfig, deepspeed_dict, read_deepspeed, resolve_ds_config
 
 PRESETS: dict[str, dict[str, Any]] = {
     # BertConfig fields for training from scratch; vocab_size comes from the tokenizer.
@@ -26,112 +36,125 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelConfig:
-    init: str | None = "minilm"  # HF BERT dir, "minilm"/"default", or URL (pretraining.hub); None = from scratch
-    preset: str = "base"  # from scratch only: tiny | base | large
-    overrides: dict = field(default_factory=dict)  # BertConfig fields, e.g. {hidden_dropout_prob: 0.0}
-    tokenizer: str | None = None  # vocab.txt/tokenizer.json dir; default: the init dir, else the packaged BERT vocab
+    """The model: continued from an HF BERT (init), or a preset from scratch."""
+
+    init: str | None = option("minilm", "HF BERT directory, http(s) URL, 'minilm' (the packaged MiniLM-L6), or null "
+                                        "for a preset from scratch")
+    preset: str = option("base", "from scratch only: the architecture", choices=tuple(PRESETS))
+    overrides: dict = option(factory=dict, help="BertConfig fields to change, e.g. {hidden_dropout_prob: 0.0, "
+                                                "pad_vocab_multiple: 8}")
+    tokenizer: str | None = option(None, "vocab.txt/tokenizer.json directory (default: the init model's, else the "
+                                         "packaged BERT uncased vocab)")
 
     def __post_init__(self) -> None:
-        if self.init is None and self.preset not in PRESETS:
-            raise ValueError(f"model.preset {self.preset!r} unknown (expected one of {sorted(PRESETS)})")
+        check_choices(self)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataConfig:
-    shard_dir: str = ""
-    masked_lm_prob: float = 0.15  # dynamic-masking shards only
-    max_predictions: int | None = None  # default: the manifest's
-    prefetch: int = 2
-    verify: bool = True  # sha256/schema/id-range check of every shard before step 1 (split across ranks)
-    skip_bad_shards: bool = False  # False: a bad shard stops the run before step 1
-    # Global data position of a NEW run (continuing an exported checkpoint on another world size: its
-    # samples_consumed); ignored when resuming from a checkpoint, which carries its own position.
-    start_sample: int = 0
+    """Pretraining shards and how they are read."""
+
+    shard_dir: str = option(help="a data_prep output directory (or NVIDIA hdf5 shards)")
+    masked_lm_prob: float = option(0.15, "dynamic-masking shards only: fraction of tokens masked")
+    max_predictions: int | None = option(None, "masked slots per sample (default: the manifest's)")
+    prefetch: int = option(2, "batches the reader thread prepares ahead")
+    verify: bool = option(True, "check sha256, schema and id ranges of every shard before step 1 (split across "
+                                "ranks)")
+    skip_bad_shards: bool = option(False, "skip (and count) bad shards instead of stopping before step 1")
+    start_sample: int = option(0, "global data position of a NEW run (continuing an exported checkpoint on another "
+                                  "world size: its samples_consumed); a resumed run uses its checkpoint's")
 
     def __post_init__(self) -> None:
         if self.start_sample < 0:
             raise ValueError(f"data.start_sample must be >= 0, got {self.start_sample}")
-        if not self.shard_dir:
-            raise ValueError("data.shard_dir is required (a data_prep output directory or NVIDIA hdf5 shards)")
         if not 0.0 < self.masked_lm_prob < 1.0:
             raise ValueError(f"data.masked_lm_prob must be in (0, 1), got {self.masked_lm_prob}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OptimizerConfig:
-    name: str = "lamb"  # lamb | adamw
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    weight_decay: float = 0.01
+    """The optimizer (LAMB as NVIDIA's BERT, or AdamW)."""
+
+    name: str = option("lamb", "lamb or adamw", choices=("lamb", "adamw"))
+    lr: float = option(1e-4, "peak learning rate")
+    betas: tuple[float, float] = option((0.9, 0.999), "Adam/LAMB betas")
+    eps: float = option(1e-6, "Adam/LAMB epsilon")
+    weight_decay: float = option(0.01, "decoupled weight decay on weight matrices (not biases or LayerNorm)")
     # ZeRO 1/2/3 hand the optimizer flat per-rank slices, so LAMB's per-tensor trust ratio becomes a per-slice one that
     # also changes with world size. Refused unless asked for by name (NVIDIA and bing_bert run LAMB without ZeRO).
-    allow_lamb_with_zero: bool = False
+    allow_lamb_with_zero: bool = option(False, "allow LAMB under ZeRO 1-3 (its trust ratio is then per partition)")
 
     def __post_init__(self) -> None:
         self.name = self.name.lower()
+        check_choices(self)
         if self.name not in ("lamb", "adamw"):
             raise ValueError(f"optimizer.name {self.name!r} unknown (expected lamb or adamw)")
-        self.betas = tuple(float(b) for b in self.betas)
-        if self.lr <= 0 or len(self.betas) != 2:
-            raise ValueError(f"optimizer: lr must be > 0 and betas a pair, got lr={self.lr} betas={self.betas}")
+        if self.lr <= 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ScheduleConfig:
-    kind: str = "linear"  # linear | poly (warmup, then decay to 0 at total_steps)
-    warmup_steps: int = 0
-    total_steps: int | None = None  # default: train max_steps (set this to keep the decay of a longer run)
-    power: float = 1.0  # poly only
+    """Learning-rate schedule: linear warmup, then decay to 0 at total_steps."""
+
+    kind: str = option("linear", "linear or poly decay", choices=("linear", "poly"))
+    warmup_steps: int = option(0, "optimizer steps of linear warmup from 0")
+    total_steps: int | None = option(None, "where the decay reaches 0 (default: max_steps; set it to keep a longer "
+                                           "run's schedule)")
+    power: float = option(1.0, "poly only: the decay exponent (NVIDIA's BERT: 0.5)")
 
     def __post_init__(self) -> None:
-        if self.kind not in ("linear", "poly"):
-            raise ValueError(f"schedule.kind {self.kind!r} unknown (expected linear or poly)")
+        check_choices(self)
         if self.warmup_steps < 0:
             raise ValueError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CheckpointConfig:
-    every_steps: int = 1000  # 0 = off
-    every_minutes: float = 0.0  # 0 = off; rank 0's clock decides for everyone
-    keep_last: int = 3  # never fewer than 1: the newest complete checkpoint is never deleted
-    resume: str = "auto"  # auto (newest complete in output_dir/checkpoints) | never | a checkpoint dir
-    # A checkpoint from another world size / ZeRO stage: "refuse" (with the recipe) or "universal" (convert it with
-    # DeepSpeed's ds_to_universal and load it with load_universal; ZeRO 1-3)
-    reshard: str = "refuse"
+    """When checkpoints are written, kept and resumed from."""
+
+    every_steps: int = option(1000, "save every N optimizer steps (0: off)")
+    every_minutes: float = option(0.0, "save every N minutes of wall time (0: off; rank 0's clock decides)")
+    keep_last: int = option(3, "complete checkpoints kept (the newest is never deleted)")
+    resume: str = option("auto", "auto (the newest complete one in OUTPUT_DIR/checkpoints), never, or a checkpoint "
+                                 "directory")
+    reshard: str = option("refuse", "a checkpoint from another world size / ZeRO stage: refuse (and say how to go on) "
+                                    "or universal (convert with DeepSpeed's ds_to_universal)",
+                          choices=("refuse", "universal"))
 
     def __post_init__(self) -> None:
-        if self.reshard not in ("refuse", "universal"):
-            raise ValueError(f"checkpoint.reshard must be refuse or universal, got {self.reshard!r}")
+        check_choices(self)
         if self.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
         if self.every_steps < 0 or self.every_minutes < 0:
             raise ValueError("checkpoint.every_steps/every_minutes must be >= 0")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoggingConfig:
-    every_steps: int = 1  # console/TensorBoard cadence; metrics.jsonl gets every step
-    progress_bar: bool = True
-    tensorboard: bool = True
-    peak_tflops: float | None = None  # device peak for MFU; default: table (GPU) or a matmul probe (CPU)
+    """What is logged where."""
+
+    every_steps: int = option(1, "console/TensorBoard cadence (metrics.jsonl gets every step)")
+    progress_bar: bool = option(True, "a tqdm bar on rank 0")
+    tensorboard: bool = option(True, "TensorBoard events in OUTPUT_DIR")
+    peak_tflops: float | None = option(None, "device peak for MFU (default: the data-sheet table for GPUs, a matmul "
+                                             "probe on CPU)")
 
     def __post_init__(self) -> None:
         if self.every_steps < 1:
             raise ValueError(f"logging.every_steps must be >= 1, got {self.every_steps}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class NumericsConfig:
     """Loss health checks (pretraining.numerics)."""
 
-    spike_factor: float = 2.0  # loss > factor x running median -> loss_spike in the metrics + a warning
-    spike_window: int = 50  # steps in the running median
-    spike_min_history: int = 10  # no spike verdict before this many finite losses
-    max_overflow_streak: int = 50  # fp16: consecutive overflow-skipped steps before the run is stopped
+    spike_factor: float = option(2.0, "loss > factor x running median -> loss_spike in the metrics + a warning")
+    spike_window: int = option(50, "steps in the running median")
+    spike_min_history: int = option(10, "no spike verdict before this many finite losses")
+    max_overflow_streak: int = option(50, "fp16: consecutive overflow-skipped steps before the run is stopped")
 
     def __post_init__(self) -> None:
         if self.spike_factor <= 1 or self.spike_window < 1 or self.spike_min_history < 1:
@@ -140,13 +163,14 @@ class NumericsConfig:
             raise ValueError(f"numerics.max_overflow_streak must be >= 1, got {self.max_overflow_streak}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BatchConfig:
-    """Global/micro batch from the DeepSpeed config; gradient accumulation derives from the world size."""
+    """Global batch, micro-batch per rank and gradient accumulation (the DeepSpeed JSON's train_batch_size,
+    train_micro_batch_size_per_gpu, gradient_accumulation_steps): any two, the third derives from the world size."""
 
-    global_batch_size: int | None
-    micro_batch_size: int | None
-    grad_accum_steps: int | None = None
+    global_batch_size: int | None = option(None, "samples per optimizer step, all ranks together")
+    micro_batch_size: int | None = option(None, "samples per forward pass on one rank")
+    grad_accum_steps: int | None = option(None, "micro-batches per optimizer step on one rank")
 
     def grad_accum(self, world_size: int) -> int:
         g, m, a = self.global_batch_size, self.micro_batch_size, self.grad_accum_steps
@@ -181,19 +205,25 @@ class BatchConfig:
                     gradient_accumulation_steps=a)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunConfig:
-    output_dir: str
-    max_steps: int
-    data: DataConfig
-    seed: int = 42
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    numerics: NumericsConfig = field(default_factory=NumericsConfig)
-    deepspeed: dict = field(default_factory=dict)  # the DeepSpeed config (optimizer/scheduler sections removed)
+    """A pretraining run."""
+
+    output_dir: str = option(help="run directory: checkpoints/, metrics.jsonl, TensorBoard events")
+    max_steps: int = option(help="optimizer steps to train to (a resumed run continues to the same number)")
+    seed: int = option(42, "seed of initialisation, data order, masking and dropout")
+    deepspeed_config: str | None = option(None, "DeepSpeed JSON: a path, or a packaged recipe name (ds_configs/); "
+                                                "its batch, precision, ZeRO, optimizer and scheduler fill the sections "
+                                                "below")
+    model: ModelConfig = option(factory=ModelConfig)
+    data: DataConfig = option(help="the shards")
+    optimizer: OptimizerConfig = option(factory=OptimizerConfig)
+    schedule: ScheduleConfig = option(factory=ScheduleConfig)
+    batch: BatchConfig = option(factory=BatchConfig)
+    engine: EngineConfig = option(factory=EngineConfig)
+    checkpoint: CheckpointConfig = option(factory=CheckpointConfig)
+    logging: LoggingConfig = option(factory=LoggingConfig)
+    numerics: NumericsConfig = option(factory=NumericsConfig)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -203,196 +233,109 @@ class RunConfig:
         if self.schedule.warmup_steps > self.schedule.total_steps:
             raise ValueError(f"schedule.warmup_steps {self.schedule.warmup_steps} > total_steps "
                              f"{self.schedule.total_steps}")
-        for key in ("optimizer", "scheduler"):
-            if key in self.deepspeed:
-                raise ValueError(f"DeepSpeed config still has an {key!r} section: build configs with load_config()")
+        if self.batch.global_batch_size is None and self.batch.micro_batch_size is None:
+            raise ValueError("no batch size: set batch.global_batch_size (or train_batch_size in the DeepSpeed JSON)")
         if self.optimizer.name == "lamb" and self.zero_stage > 0 and not self.optimizer.allow_lamb_with_zero:
             raise ValueError(
                 f"LAMB with ZeRO stage {self.zero_stage}: ZeRO gives the optimizer flat per-rank partitions, so LAMB's "
                 "layer-wise trust ratio would be computed per partition (and change with world size). Use ZeRO stage 0 "
-                "with LAMB (ds.zero_optimization.stage=0), AdamW with ZeRO, or set optimizer.allow_lamb_with_zero=true.")
-
-    @property
-    def batch(self) -> BatchConfig:
-        ds = self.deepspeed
-        return BatchConfig(ds.get("train_batch_size"), ds.get("train_micro_batch_size_per_gpu"),
-                           ds.get("gradient_accumulation_steps"))
+                "with LAMB (engine.zero_stage=0), AdamW with ZeRO, or set optimizer.allow_lamb_with_zero=true.")
 
     def grad_accum(self, world_size: int) -> int:
         return self.batch.grad_accum(world_size)
 
     @property
     def precision(self) -> str:
-        if self.deepspeed.get("fp16", {}).get("enabled"):
-            return "fp16"
-        if self.deepspeed.get("bf16", {}).get("enabled"):
-            return "bf16"
-        return "fp32"
+        return self.engine.precision
 
     @property
     def zero_stage(self) -> int:
-        return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
+        return self.engine.zero_stage
 
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.output_dir) / "checkpoints"
 
+    def deepspeed_dict(self, world_size: int, hidden_size: int | None = None) -> dict:
+        """The DeepSpeed config for this world size, generated from the typed settings."""
+        return deepspeed_dict(self.engine, self.batch.resolved(world_size), hidden_size)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return json.loads(json.dumps(asdict(self)))
 
 
 # ---------------------------------------------------------------- loading
 
 
-def read_file(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: config file not found") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
+def packaged_run_configs() -> Path:
+    return Path(__file__).parent / "configs"
 
 
-def _parse_value(text: str) -> Any:
-    for parse in (json.loads, yaml.safe_load):  # JSON first: YAML 1.1 reads 1e-4 as a string
-        try:
-            return parse(text)  # 1e-4 -> float, [0.9, 0.98] -> list, null -> None, true -> bool
-        except (json.JSONDecodeError, yaml.YAMLError):
-            pass
-    return text
+def resolve_run_config(spec: str | Path) -> Path:
+    """A run config: an existing path (relative to the working directory), else a packaged recipe by name
+    (``biobert_continued_seq512``, with or without ``.yaml``)."""
+    import difflib
 
-
-def _coerce(annotation: str, value: Any, where: str) -> Any:
-    """YAML hands over '1e-4' as a string and 5 where a float is meant: convert numbers by the field's type."""
-    kind = annotation.split("|")[0].strip()
-    if value is None or kind not in ("float", "int") or isinstance(value, bool):
-        return value
-    try:
-        return float(value) if kind == "float" else int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: expected a number, got {value!r}") from None
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        tree = tree.setdefault(p, {})
-        if not isinstance(tree, dict):
-            raise ValueError(f"override {dotted!r}: {p!r} is not a section")
-    tree[leaf] = value
-
-
-def ds_sections_to_run(ds: dict, source: str) -> dict:
-    """Translate a DeepSpeed config's optimizer/scheduler sections into run-config values (DeepSpeed's own schema)."""
-    out: dict[str, dict] = {}
-    if "optimizer" in ds:
-        opt = ds["optimizer"]
-        kind = str(opt.get("type", "")).lower()
-        names = {"lamb": "lamb", "adam": "adamw", "adamw": "adamw"}
-        if kind not in names:
-            raise ValueError(f"{source}: optimizer.type {opt.get('type')!r} unsupported (Lamb, Adam or AdamW)")
-        params = opt.get("params", {})
-        out["optimizer"] = {"name": names[kind]}
-        for key in ("lr", "betas", "eps", "weight_decay"):
-            if key in params:
-                out["optimizer"][key] = params[key]
-    if "scheduler" in ds:
-        sch = ds["scheduler"]
-        if sch.get("type") != "WarmupDecayLR":
-            raise ValueError(f"{source}: scheduler.type {sch.get('type')!r} unsupported: use WarmupDecayLR or the "
-                             "run config's schedule section")
-        params = sch.get("params", {})
-        out["schedule"] = {"kind": "linear"}
-        if "warmup_num_steps" in params:
-            out["schedule"]["warmup_steps"] = params["warmup_num_steps"]
-        if "total_num_steps" in params:
-            out["schedule"]["total_steps"] = params["total_num_steps"]
-        if "warmup_max_lr" in params:
-            out.setdefault("optimizer", {})["lr"] = params["warmup_max_lr"]
-    return out
-
-
-def _build(cls, values: dict, where: str):
-    """Instantiate a (nested) dataclass from a dict, naming unknown keys."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    if cls is RunConfig:  # a missing section still validates, so a missing data.shard_dir is named as such
-        values = {**{name: {} for name in _SECTIONS}, **values}
-    kwargs = {}
-    for name, value in values.items():
-        sub = _SECTIONS.get(name) if cls is RunConfig else None
-        kwargs[name] = (_build(sub, value or {}, f"{where}.{name}") if sub
-                        else _coerce(str(known[name].type), value, f"{where}.{name}"))
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig,
-             "checkpoint": CheckpointConfig, "logging": LoggingConfig, "numerics": NumericsConfig}
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    name = Path(str(spec)).name
+    for candidate in (name, f"{name}.yaml", f"{name}.yml", f"{name}.json"):
+        packaged = packaged_run_configs() / candidate
+        if packaged.is_file():
+            return packaged
+    known = sorted(p.stem for p in packaged_run_configs().glob("*.yaml"))
+    close = difflib.get_close_matches(Path(name).stem, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"packaged recipes: {', '.join(known)}"
+    raise FileNotFoundError(f"run config {str(spec)!r}: no such file, and not a packaged recipe; {hint}")
 
 
 def load_config(run_config: str | Path | dict, deepspeed_config: str | Path | dict | None = None,
-                overrides: list[str] | None = None) -> RunConfig:
-    """Build a validated RunConfig. ``overrides`` are ``section.key=value`` strings (``ds.key=value`` for DeepSpeed)."""
-    run = dict(read_file(run_config)) if not isinstance(run_config, dict) else json.loads(json.dumps(run_config))
-    run_src = str(run_config) if not isinstance(run_config, dict) else "run config"
-    if deepspeed_config is None:
-        deepspeed_config = run.pop("deepspeed_config", None)
-        if deepspeed_config is not None and not Path(deepspeed_config).is_absolute() and not isinstance(
-                run_config, dict):
-            # relative to the working directory first (how users type it), then to the run config file
-            if not Path(deepspeed_config).exists():
-                deepspeed_config = Path(run_config).parent / deepspeed_config
+                overrides: list[str] | list[tuple[str, Any]] | None = None) -> RunConfig:
+    """Build a validated RunConfig. ``overrides``: ``section.key=value`` strings or (key, value) pairs; keys starting
+    with ``ds.`` edit the DeepSpeed JSON before it is read."""
+    if isinstance(run_config, dict):
+        run, run_src = json.loads(json.dumps(run_config)), "run config"
     else:
-        run.pop("deepspeed_config", None)
-    if deepspeed_config is None:
-        raise ValueError(f"{run_src}: no DeepSpeed config (pass --deepspeed_config or set deepspeed_config)")
-    ds = dict(read_file(deepspeed_config)) if not isinstance(deepspeed_config, dict) else dict(deepspeed_config)
-    ds_src = str(deepspeed_config) if not isinstance(deepspeed_config, dict) else "DeepSpeed config"
-
+        path = resolve_run_config(run_config)
+        run, run_src = read_file(path), str(path)
+    pairs = [p if isinstance(p, tuple) else parse_overrides([p])[0] for p in overrides or []]
+    ds_spec = deepspeed_config if deepspeed_config is not None else run.get("deepspeed_config")
+    for key, value in pairs:
+        if key == "deepspeed_config":
+            ds_spec = value
+    run.pop("deepspeed_config", None)
+    ds, ds_src = {}, None
+    if isinstance(ds_spec, dict):
+        ds, ds_src = json.loads(json.dumps(ds_spec)), "DeepSpeed config"
+    elif ds_spec is not None:
+        ds_path = resolve_ds_config(ds_spec)
+        ds, ds_src = read_file(ds_path), str(ds_path)
     cli: dict = {}
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not key=value (e.g. optimizer.lr=1e-4)")
+    for key, value in pairs:
         if key.startswith("ds."):
-            _set_dotted(ds, key[3:], _parse_value(value))
-        else:
-            _set_dotted(cli, key, _parse_value(value))
-
-    from_ds = ds_sections_to_run(ds, ds_src)
+            set_dotted(ds, key[3:], value)
+            ds_src = ds_src or "ds. overrides"
+        elif key != "deepspeed_config":
+            set_dotted(cli, key, value)
+    from_ds = read_deepspeed(ds, ds_src) if ds_src else {}
     for section, values in from_ds.items():
+        mine = run.get(section)
         for key, value in values.items():
-            mine = run.get(section, {}).get(key) if isinstance(run.get(section), dict) else None
-            if mine is not None and _norm(mine) != _norm(value):
-                raise ValueError(f"{section}.{key} is {mine!r} in {run_src} but {value!r} in {ds_src}: set it in one "
-                                 "place (or override it on the command line)")
+            theirs = mine.get(key) if isinstance(mine, dict) else None
+            if theirs is not None and theirs != REQUIRED and _norm(theirs) != _norm(value):
+                raise ValueError(f"{section}.{key} is {theirs!r} in {run_src} but {value!r} in {ds_src}: set it in "
+                                 "one place (or override it on the command line)")
     merged: dict = {}
     for layer in (from_ds, run, cli):
-        _deep_merge(merged, layer)
-    merged["deepspeed"] = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
-    return _build(RunConfig, merged, run_src)
+        deep_merge(merged, layer)
+    if ds_src:
+        merged["deepspeed_config"] = ds_src
+    return build(RunConfig, merged, "")
 
 
 def _norm(v: Any) -> Any:
     return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
-def _deep_merge(dst: dict, src: dict) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_merge(dst[k], v)
-        elif isinstance(v, dict):
-            dst[k] = json.loads(json.dumps(v))
-        else:
-            dst[k] = v
+RUN_KEYS = known_keys(RunConfig)

@@ -1,8 +1,8 @@
 """Import BERT checkpoints from NVIDIA DeepLearningExamples (`ckpt_N.pt`) or TensorFlow (Google BERT, original BioBERT)
 into an ordinary HF directory (the format our pretraining and fine-tuning start from).
 
-    python pretraining/convert.py --from nvidia ckpt_8601.pt --config bert_config.json --vocab vocab.txt OUT_DIR
-    python pretraining/convert.py --from tf biobert_v1.1/model.ckpt-1000000 --config bert_config.json \
+    biobert convert --from nvidia ckpt_8601.pt --config bert_config.json --vocab vocab.txt OUT_DIR
+    biobert convert --from tf biobert_v1.1/model.ckpt-1000000 --config bert_config.json \
         --vocab vocab.txt OUT_DIR                                       # needs: pip install '.[tf]'
 
 NVIDIA: the state dict sits under "model", keys may carry DDP's "module." prefix, LinearActivation layers are named
@@ -12,18 +12,20 @@ TF: variables map by name (kernels transposed); optimizer slots (adam_m/adam_v) 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import BertConfig
 
+from biobert.config import option, parse
+from biobert.errors import UserError, run
 from pretraining.model import BertForPreTraining, load_state_dict_into, save_pretrained
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ def read_tf_checkpoint(path: str) -> dict[str, np.ndarray]:
     try:
         import tensorflow as tf
     except ImportError as e:
-        raise ImportError(f"reading TensorFlow checkpoints needs TensorFlow: {TF_EXTRA}") from e
+        raise UserError(f"reading TensorFlow checkpoints needs TensorFlow: {TF_EXTRA}") from e
     return {name: tf.train.load_variable(path, name) for name, _ in tf.train.list_variables(path)}
 
 
@@ -143,24 +145,29 @@ def convert(source: str, checkpoint: str, config_path: str, vocab_path: str, out
         return save_pretrained(model, out_dir, tokenizer_dir=tok_dir)
 
 
-def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--from", dest="source", required=True, choices=["nvidia", "tf"])
-    parser.add_argument("checkpoint", help="NVIDIA ckpt_N.pt, or the TF checkpoint prefix (model.ckpt-N)")
-    parser.add_argument("--config", required=True, help="bert_config.json of the checkpoint")
-    parser.add_argument("--vocab", required=True, help="vocab.txt the checkpoint was trained with")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="load NVIDIA checkpoints holding non-tensor Python objects (only for trusted files)")
-    parser.add_argument("out_dir")
-    args = parser.parse_args(argv)
+@dataclass(kw_only=True)
+class ConvertConfig:
+    """NVIDIA or TensorFlow BERT checkpoints -> a HuggingFace model directory."""
+
+    source: str = option(help="the checkpoint's format", choices=("nvidia", "tf"), aliases=["--from"])
+    checkpoint: str = option(help="NVIDIA ckpt_N.pt, or the TF checkpoint prefix (model.ckpt-N)", positional=True)
+    config: str = option(help="bert_config.json of the checkpoint")
+    vocab: str = option(help="vocab.txt the checkpoint was trained with")
+    allow_pickle: bool = option(False, "load NVIDIA checkpoints holding non-tensor Python objects (trusted files only)")
+    out_dir: str = option(help="the HF model directory to write", positional=True)
+
+
+def main(cfg: ConvertConfig) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        out = convert(args.source, args.checkpoint, args.config, args.vocab, args.out_dir, args.allow_pickle)
-    except (ImportError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"convert: {e}")
+    out = convert(cfg.source, cfg.checkpoint, cfg.config, cfg.vocab, cfg.out_dir, cfg.allow_pickle)
     print(f"wrote {out}")
     return out
 
 
+def cli(argv: list[str] | None = None) -> int:
+    main(parse(ConvertConfig, argv, prog="biobert convert", description=__doc__, config_file=False))
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run(cli))

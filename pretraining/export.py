@@ -1,6 +1,6 @@
 """Export a training checkpoint to an ordinary HuggingFace BERT directory.
 
-    python pretraining/export.py CKPT_DIR OUT_DIR
+    biobert export CKPT_DIR OUT_DIR
 
 CKPT_DIR is one checkpoint (``<output_dir>/checkpoints/step_00001000``) or the checkpoints root (-> the newest
 complete one). Any ZeRO stage: the fp32 master weights are consolidated with DeepSpeed's zero_to_fp32 (so an fp16/bf16
@@ -12,16 +12,15 @@ file missing/truncated) is refused. The result loads with ``transformers.AutoMod
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python pretraining/export.py`: import siblings as pretraining.x
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
+from biobert.config import option, parse
+from biobert.errors import run
 from pretraining import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -62,15 +61,21 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint_dir", help="a step_* checkpoint folder or the checkpoints root (newest complete)")
-    p.add_argument("out_dir", help="HF model directory to write (replaced atomically)")
-    args = p.parse_args(argv)
+@dataclass(kw_only=True)
+class ExportConfig:
+    """A training checkpoint -> a HuggingFace model directory."""
+
+    checkpoint_dir: str = option(help="a step_* checkpoint folder, or a run's checkpoints/ (-> the newest complete "
+                                      "one)", positional=True)
+    out_dir: str = option(help="the HF model directory to write (replaced atomically)", positional=True)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    cfg = parse(ExportConfig, argv, prog="biobert export", description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(export(args.checkpoint_dir, args.out_dir))
+    print(export(cfg.checkpoint_dir, cfg.out_dir))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(cli))

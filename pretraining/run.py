@@ -1,28 +1,24 @@
-"""Pretraining entrypoint.
+"""Pretraining: `biobert pretrain --config RECIPE [key=value ...]`.
 
-    deepspeed --num_gpus 8 pretraining/run.py --config pretraining/configs/biobert_continued_seq512.yaml \\
-        --deepspeed_config ds_configs/bert_base_seq512_lamb_bf16.json [optimizer.lr=2e-4 ds.zero_optimization.stage=2]
-    python pretraining/run.py --config RUN.yaml --deepspeed_config ds_configs/tiny_cpu.json   # one process
-    srun / mpirun / torchrun ... python pretraining/run.py ...                                  # ranks from their env
+    biobert pretrain --config tiny_cpu data.shard_dir=shards/                    # one process (CPU or one GPU)
+    deepspeed --num_gpus 8 pretraining/run.py --config biobert_continued_seq512 \\
+        data.shard_dir=/data/pubmed_seq512 model.init=/models/bert-base-cased    # 8 GPUs, the DeepSpeed launcher
+    srun / mpirun / torchrun ... biobert pretrain ...                             # ranks from their environment
 
-On CPU set DS_ACCELERATOR=cpu. Resuming is automatic (newest complete checkpoint in <output_dir>/checkpoints).
+RECIPE is a packaged run config by name (biobert_continued_seq512, bert_base_phase1_seq128, bert_large_seq512,
+demo_minilm_cpu, tiny_cpu) or a YAML/JSON path; its DeepSpeed JSON likewise (``--deepspeed-config``, or the recipe's).
+``--print-config`` shows the resolved run config and the DeepSpeed dict generated from it. On CPU set
+DS_ACCELERATOR=cpu. Resuming is automatic (newest complete checkpoint in <output_dir>/checkpoints).
 Exit codes: 0 finished; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue the job to continue);
-other non-zero: failure (bad config/shards/vocab fail before step 1 with a message naming the file). A signal that
-arrives while torch/DeepSpeed are still being imported is remembered (the handler is installed first) and honoured at
-step 1. The fault matrix and its tests: docs/reliability.md.
+2 a mistake in the config, shards or vocab (one line naming it, before step 1); other: a failure. A signal that
+arrives while torch/DeepSpeed are still being imported is remembered and honoured at step 1.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # `python pretraining/run.py`: import siblings as pretraining.x, never as top-level names
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from pretraining import preemption  # noqa: E402 - stdlib only
+from pretraining import preemption
 
 if __name__ == "__main__":
     # Before torch/DeepSpeed are imported (seconds): a SIGTERM/SIGUSR1 during setup becomes a clean stop at the first
@@ -30,28 +26,61 @@ if __name__ == "__main__":
     preemption.install()
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="run config (YAML or JSON)")
-    p.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (default: the run config's "
-                                                            "deepspeed_config)")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # accepted for DeepSpeed habits
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optimizer.lr=1e-4 max_steps=100 "
-                                                "ds.train_micro_batch_size_per_gpu=4")
-    return p.parse_args(argv)
+def parse_args(argv: list[str] | None = None):
+    """-> (RunConfig, print_config). ``--config`` names the recipe; flags and key=value override it."""
+    import argparse
+
+    from biobert.config import make_parser, parse_overrides
+    from biobert.config import parse_args as parse_known
+    from pretraining.config import RunConfig, load_config
+
+    parser, flags = make_parser(RunConfig, "biobert pretrain", __doc__,
+                                config_help="run config: a packaged recipe name or a YAML/JSON path [required]")
+    parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # a DeepSpeed habit, ignored
+    ns = parse_known(parser, flags, argv)
+    if not ns.config_file:
+        from pretraining.config import packaged_run_configs
+
+        names = ", ".join(sorted(p.stem for p in packaged_run_configs().glob("*.yaml")))
+        raise ValueError(f"--config is required: a packaged recipe ({names}) or a YAML/JSON path")
+    pairs = _flag_pairs(vars(ns)) + parse_overrides(ns.overrides or [])
+    return load_config(ns.config_file, None, pairs), ns.print_config
 
 
-def main(argv=None) -> int:
-    from pretraining.config import load_config
+def _flag_pairs(values: dict) -> list[tuple[str, object]]:
+    """The section flags the user gave (--optimizer.lr 1e-4) as (key, value) overrides."""
+    import argparse
+
+    skip = {"config_file", "print_config", "local_rank", "overrides", "deepspeed"}
+    return [(k, v) for k, v in values.items() if k not in skip and v is not argparse.SUPPRESS]
+
+
+def print_config(cfg) -> None:
+    from biobert import dist
+    from biobert.config import dump_yaml
+
+    world = dist.discover().world_size
+    try:
+        ds = cfg.deepspeed_dict(world)
+    except ValueError as e:  # e.g. 'auto' bucket sizes need the model: resolved at start
+        ds = {"note": str(e)}
+    print(dump_yaml({**cfg.to_dict(), f"deepspeed (generated for world size {world})": ds}), end="")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    import logging
+
+    cfg, show = parse_args(argv)
+    if show:
+        print_config(cfg)
+        return 0
     from pretraining.trainer import main as train
 
-    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.deepspeed_config, args.overrides)
-    result = train(cfg)
-    return result["exit_code"]
+    return train(cfg)["exit_code"]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from biobert.errors import run
+
+    sys.exit(run(cli))

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from biobert import dist
 from pretraining import checkpoint as ckpt
-from pretraining import distributed as dist
 from pretraining import numerics, preemption
 from pretraining.config import PRESETS, RunConfig
 from pretraining.metrics import MetricsLogger, batch_flops, device_name, peak_tflops
@@ -122,11 +122,10 @@ def _train(cfg: RunConfig, on_step, on_micro) -> dict:
     rank, world = env.rank, env.world_size
     accum, micro = cfg.grad_accum(world), cfg.batch.micro(world)
     global_batch = micro * accum * world
-    # our optimizer goes in as a client optimizer; ZeRO only accepts those it was tested with unless told otherwise
-    ds_config = {"zero_allow_untested_optimizer": True, **cfg.deepspeed, **cfg.batch.resolved(world)}
     device = dist.device()
 
     model, tokenizer_dir = build_model(cfg)
+    ds_config = cfg.deepspeed_dict(world, model.config.hidden_size)
     bad_shards = preflight(cfg, model.config, tokenizer_dir)
 
     resume_from = None

@@ -1,4 +1,5 @@
-# Shared by the sbatch scripts (sourced, not run). Expects REPO set; sets PYTHON, PATH, DS_ACCELERATOR, OMP threads.
+# Shared by the sbatch scripts (sourced, not run). Expects REPO set (to find the venv); sets PYTHON, PATH,
+# DS_ACCELERATOR, OMP threads.
 # shellcheck shell=bash
 
 log() { echo "[$(date -u +%H:%M:%S) ${SLURM_JOB_ID:-}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}] $*" >&2; }
@@ -11,7 +12,8 @@ setup_python() {
     find_python "$REPO"
     PATH="$(dirname "$(command -v "$PYTHON")"):$PATH"  # mpirun, deepspeed from the same environment
     export PYTHON PATH
-    cd "$REPO" || die "cannot cd to REPO=$REPO"
+    # no cd: relative paths in the job's arguments mean what they meant where it was submitted (sbatch starts the
+    # job in the submit directory)
 }
 
 setup_device() {

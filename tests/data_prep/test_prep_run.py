@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from prep_helpers import article, write_pubmed
 
+from biobert import errors
 from data_prep import contract, run
 from data_prep.extract import DataError
 from data_prep.validate import validate
@@ -148,7 +149,8 @@ def test_bad_input_fails_cleanly_naming_the_file(kind, corpus, uncased_vocab, tm
         prep([bad_dir], out, uncased_vocab)
     assert not list(out.glob("shard-*")) and not (out / contract.MANIFEST_NAME).exists()
     assert not list(out.glob(".*"))  # no work files either
-    rc = run.cli([str(bad_dir), "--output-dir", str(out), "--vocab", str(uncased_vocab), "--no-progress"])
+    rc = errors.run(run.cli, [str(bad_dir), "--output-dir", str(out), "--vocab", str(uncased_vocab),
+                              "--no-progress"])
     assert rc == 2
     s = prep([bad_dir], out, uncased_vocab, skip_bad_files=True, num_shards=1)
     assert len(s["skipped_files"]) == 1 and bad.name in s["skipped_files"][0]

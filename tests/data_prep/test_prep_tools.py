@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from data_prep import benchmark, contract, demo, run, vocab
+from benchmarks import prep_bench
+from data_prep import contract, demo, run, vocab
 from data_prep.wordpiece import load_wordpiece
 
 
 def test_train_cased_vocab_and_use_it(demo_corpus, tmp_path):
-    assert vocab.main([str(demo_corpus), "--output-dir", str(tmp_path / "v"), "--vocab-size", "600", "--cased",
+    assert vocab.cli([str(demo_corpus), "--output-dir", str(tmp_path / "v"), "--vocab-size", "600", "--cased",
                        "--min-frequency", "1"]) == 0
     tokens = contract.read_vocab_tokens(tmp_path / "v" / "vocab.txt")
     assert tokens[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and 300 < len(tokens) <= 600
@@ -35,6 +36,6 @@ def test_demo_main_returns_summary_and_validation(tmp_path, capsys):
 
 
 def test_benchmark_runs_on_tiny_input(demo_corpus, capsys):
-    assert benchmark.main(["--inputs", str(demo_corpus), "--workers", "1"]) == 0
+    assert prep_bench.cli(["--inputs", str(demo_corpus), "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "tokens/s" in out and "x ceiling" in out and "shard MB/s" in out

@@ -43,7 +43,7 @@ def test_good_shards_pass_with_statistics(good_dir, minilm_dir, capsys):
     s = rep.stats()
     assert s["shards"] == 2 and s["samples"] > 30 and abs(s["mask_rate"] - 0.15) < 0.02
     assert 0.3 < s["nsp_random_fraction"] < 0.8
-    assert validate.main([str(good_dir)]) == 0
+    assert validate.cli([str(good_dir)]) == 0
     assert "OK" in capsys.readouterr().out
 
 
@@ -55,7 +55,7 @@ def test_flipped_byte_is_a_checksum_mismatch(shard_dir, capsys):
     path.write_bytes(bytes(data))
     rep = validate.validate(shard_dir)
     assert any(m.shards[1].file in e and "sha256" in e for e in rep.errors)
-    assert validate.main([str(shard_dir)]) == 1
+    assert validate.cli([str(shard_dir)]) == 1
     assert "sha256 differs" in capsys.readouterr().err
 
 

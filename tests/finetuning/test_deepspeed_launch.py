@@ -24,7 +24,7 @@ def test_re_under_deepspeed_launcher(minilm_dir, tmp_path):
     (data / "test.tsv").write_text("".join(f"{t}\t{lab}\n" for t, lab in rows[:4]))
     out = tmp_path / "out"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [launcher, "--num_gpus", "2", "finetuning/re.py", "--model", str(minilm_dir), "--data", str(data),
+    cmd = [launcher, "--num_gpus", "2", "--module", "finetuning.relation", "--model", str(minilm_dir), "--data", str(data),
            "--output-dir", str(out), "--epochs", "1", "--batch-size", "4", "--no-progress", "--num-threads", "1"]
     proc = run_group(cmd, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

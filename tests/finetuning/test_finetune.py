@@ -41,8 +41,8 @@ def test_ner_learns_and_writes_outputs(shared_data, minilm_dir, tmp_path):
 
 
 def test_re_learns_on_gad_with_header_and_index_tsv(shared_data, minilm_dir, tmp_path):
-    from finetuning.re import main
-    from finetuning.re_data import read_re_file
+    from finetuning.relation import main
+    from finetuning.relation_data import read_re_file
 
     examples = subsample(read_re_file(shared_data / "re/GAD/train.tsv"), 500, seed=0)
     data = tmp_path / "data"
@@ -63,7 +63,7 @@ def test_re_learns_on_gad_with_header_and_index_tsv(shared_data, minilm_dir, tmp
 
 
 def test_re_cross_validation_writes_folds(shared_data, minilm_dir, tmp_path):
-    from finetuning.re import main
+    from finetuning.relation import main
 
     cfg = REConfig(model=str(minilm_dir), data=str(shared_data / "re/GAD"), output_dir=str(tmp_path), cv_folds=3,
                    max_train_examples=90, epochs=1, learning_rate=5e-5, **QUICK)

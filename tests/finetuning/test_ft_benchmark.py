@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from finetuning.benchmark import main, markdown, summarise, verdict
+from finetuning.benchmark import cli, markdown, summarise, verdict
 
 
 def _runs(f1s, speeds):
@@ -34,7 +34,7 @@ def test_two_seeds_both_systems_end_to_end(minilm_dir, tmp_path):
     (data / "train.tsv").write_text("".join(rows))
     (data / "test.tsv").write_text("".join(rows[:6]))
     out = tmp_path / "out"
-    result = main(["--model", str(minilm_dir), "--data-root", str(tmp_path / "data"), "--tasks", "NCBI-disease",
+    result = cli(["--model", str(minilm_dir), "--data-root", str(tmp_path / "data"), "--tasks", "NCBI-disease",
                    "--seeds", "1", "2", "--epochs", "1", "--batch-size", "6",
                    "--num-threads", "2", "--output-dir", str(out)])
     assert [r["system"] for r in result] == ["ours", "hf_trainer"]

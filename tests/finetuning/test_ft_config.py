@@ -2,16 +2,17 @@
 
 import pytest
 
-from finetuning.config import NERConfig, QAConfig, REConfig, parse_config
+from biobert.config import parse
+from finetuning.config import NERConfig, QAConfig, REConfig
 
 
 def test_flags_map_to_fields():
-    cfg = parse_config(REConfig, ["--model", "m", "--data", "d", "--cv-folds", "10", "--no-do-predict",
-                                  "--learning-rate", "3e-5", "--max-train-examples", "100", "--local_rank=0"])
+    cfg = parse(REConfig, ["--model", "m", "--data", "d", "--cv-folds", "10", "--no-do-predict",
+                           "--learning-rate", "3e-5", "--max-train-examples", "100", "--local_rank=0"], prog="t")
     assert (cfg.cv_folds, cfg.do_predict, cfg.do_train, cfg.learning_rate, cfg.max_train_examples) == (
         10, False, True, 3e-5, 100)
-    assert parse_config(NERConfig, ["--tag-scheme", "iobes"]).tag_scheme == "iobes"
-    assert QAConfig().max_seq_len == 384 and QAConfig().doc_stride == 128
+    assert parse(NERConfig, ["--data", "d", "--tag-scheme", "iobes"], prog="t").tag_scheme == "iobes"
+    assert QAConfig(data="d").max_seq_len == 384 and QAConfig(data="d").doc_stride == 128
 
 
 @pytest.mark.parametrize(
@@ -22,9 +23,9 @@ def test_flags_map_to_fields():
 )
 def test_invalid_values_fail(cls, kwargs):
     with pytest.raises(ValueError):
-        cls(**kwargs)
+        cls(data="d", **kwargs)
 
 
 def test_cli_error_is_a_message():
-    with pytest.raises(SystemExit, match="cv_folds"):
-        parse_config(REConfig, ["--cv-folds", "1"])
+    with pytest.raises(ValueError, match="cv_folds"):
+        parse(REConfig, ["--data", "d", "--cv-folds", "1"], prog="t")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["--config", "pretraining/configs/tiny_cpu.yaml", "--deepspeed_config", "ds_configs/tiny_cpu.json"]
-TINY_ENV = {"CONFIG": "pretraining/configs/tiny_cpu.yaml", "DS_CONFIG": "ds_configs/tiny_cpu.json", "DEVICE": "cpu"}
+TINY = ["--config", "tiny_cpu"]  # packaged recipes, found by name from any directory
+TINY_ENV = {"CONFIG": "tiny_cpu", "DEVICE": "cpu"}
 GLOBAL_BATCH = 8  # ds_configs/tiny_cpu.json train_batch_size
 
 
@@ -18,14 +16,6 @@ def run_overrides(shard_dir: Path, out_dir: Path, max_steps: int) -> list[str]:
             "checkpoint.every_steps=1000", "logging.progress_bar=false", "logging.tensorboard=false"]
 
 
-
-def load_module(relpath: str, name: str):
-    """Import a launch/ script as a module (launch/ is scripts, not an installed package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:

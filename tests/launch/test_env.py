@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from launch_testlib import REPO, load_module
 
-env = load_module("launch/env.py", "launch_env")
+from launch import env
 
 
 @pytest.mark.parametrize("text, hosts", [
@@ -29,13 +28,6 @@ def test_expand_hostlist(text, hosts):
 def test_expand_hostlist_rejects_malformed(bad):
     with pytest.raises(ValueError, match="hostlist"):
         env.expand_hostlist(bad)
-
-
-def test_expand_hostlist_first_host_agrees_with_engine():
-    from pretraining.distributed import _first_slurm_host
-
-    for text in ("gpu[03-05,07],cpu1", "node7", "n[10-12]"):
-        assert env.expand_hostlist(text)[0] == _first_slurm_host(text)
 
 
 def test_expand_tasks_per_node():
@@ -86,28 +78,36 @@ def test_hostfile_plan(tmp_path):
 def test_local_plan():
     plan = env.derive({"DEVICE": "cpu", "NPROC_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": ""})
     assert plan.scheduler == "local" and plan.slots == [2] and plan.master_addr == "127.0.0.1"
-    assert plan.master_port == env.DEFAULT_PORT and plan.accelerator == "cpu"
+    assert 1024 < plan.master_port < 65536 and plan.accelerator == "cpu"  # one host: a free port
     assert env.derive({"CUDA_VISIBLE_DEVICES": "0,1,2"}).slots == [3]
 
 
 def test_cli_writes_hostfile_and_checks_batch(tmp_path):
-    """The CLI in a (simulated) 2-node allocation: hostfile written, batch split shown, bad world size refused."""
+    """`biobert plan` in a (simulated) 2-node allocation: hostfile written, batch split shown, bad world size refused
+    with one line and exit 2; --hostfile reads a hostfile and never writes it."""
     job = {"SLURM_JOB_ID": "99", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NTASKS_PER_NODE": "2", "DEVICE": "cpu",
            "PATH": "/usr/bin:/bin"}
-    tiny = ["--config", "pretraining/configs/tiny_cpu.yaml", "--deepspeed_config", "ds_configs/tiny_cpu.json"]
-    r = subprocess.run([sys.executable, "launch/env.py", "--hostfile", str(tmp_path / "hf"), *tiny], cwd=REPO,
-                       env=job, capture_output=True, text=True)
+    plan = [sys.executable, "-m", "biobert", "plan"]
+    tiny = ["--config", "tiny_cpu"]
+    r = subprocess.run([*plan, "--write-hostfile", str(tmp_path / "hf"), *tiny], cwd=tmp_path, env=job,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "hf").read_text() == "n1 slots=2\nn2 slots=2\n"
     assert "world size     : 4" in r.stdout and "micro 2 x accumulation 1 x 4 ranks" in r.stdout
-    # 3 ranks per node: global batch 8 cannot be split over 6 ranks -> the engine's own message, exit 1
-    r = subprocess.run([sys.executable, "launch/env.py", "--nproc-per-node", "3", *tiny], cwd=REPO, env=job,
-                       capture_output=True, text=True)
-    assert r.returncode == 1 and "ERROR" in r.stdout and "world size 6" in r.stdout
-    r = subprocess.run([sys.executable, "launch/env.py", "--shell"], cwd=REPO, env=job, capture_output=True, text=True)
+    # 3 ranks per node: global batch 8 cannot be split over 6 ranks -> the engine's own message, one line, exit 2
+    r = subprocess.run([*plan, "--nproc-per-node", "3", *tiny], cwd=tmp_path, env=job, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "world size 6" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([*plan, "--shell"], cwd=tmp_path, env=job, capture_output=True, text=True)
     assert "export WORLD_SIZE_PLANNED=4" in r.stdout and "hosts" in r.stderr
-    r = subprocess.run([sys.executable, "launch/env.py", "--json"], cwd=REPO,
+    r = subprocess.run([*plan, "--json"], cwd=tmp_path,
                        env={**job, "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4"},
                        capture_output=True, text=True)
     info = json.loads(r.stdout)
     assert info["process"] == {"rank": 3, "local_rank": 1, "world_size": 4, "launcher": "srun"}
+    mine = tmp_path / "my_hosts"
+    mine.write_text("gpuA slots=8\ngpuB slots=8\n")
+    r = subprocess.run([*plan, "--hostfile", str(mine)], cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "DEVICE": "cpu"},
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "world size     : 16" in r.stdout
+    assert mine.read_text() == "gpuA slots=8\ngpuB slots=8\n"  # read, not overwritten

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from launch_testlib import load_module
 
-shard_parts = load_module("launch/shard_parts.py", "launch_shard_parts")
-sweep_parts = load_module("launch/sweep_parts.py", "launch_sweep_parts")
+from launch import shard_parts, sweep_parts
 
 
 def test_slice_covers_every_file_once_balanced_by_bytes(tmp_path):

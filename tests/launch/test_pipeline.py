@@ -29,10 +29,10 @@ def test_demo_ner_corpus_is_valid_iob2(tmp_path):
 
 @pytest.mark.slow
 def test_whole_pipeline_on_the_embedded_default(tmp_path, capsys):
-    from launch.pipeline import main
+    from launch.pipeline import main, parse_args
 
-    summary = main(["--output-dir", str(tmp_path / "demo"), "--ner-epochs", "2", "max_steps=6",
-                    "checkpoint.every_steps=3", "schedule.warmup_steps=2"])
+    summary = main(parse_args(["--output-dir", str(tmp_path / "demo"), "--ner-epochs", "2", "max_steps=6",
+                    "checkpoint.every_steps=3", "schedule.warmup_steps=2"]))
     out = capsys.readouterr().out
     assert "pipeline summary |" in out and "NER F1" in out
     pre = summary["pretraining"]

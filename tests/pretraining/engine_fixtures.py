@@ -100,7 +100,7 @@ GLOBAL_BATCH = 8  # tiny_cpu.json: 2 steps per shard, 8 steps per epoch
 
 def synthetic_shards(base: Path) -> Path:
     """4 static-masking shards x 16 samples, vocab 100 (vocab.txt in the same dir doubles as the tokenizer)."""
-    from pretraining.data_synthetic import write_synthetic_shards
+    from benchmarks.synthetic import write_synthetic_shards
 
     out = Path(base) / "synthetic_shards"
     if not (out / "manifest.json").is_file():

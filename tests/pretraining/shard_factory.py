@@ -1,6 +1,6 @@
 """Tiny synthetic shards obeying data_prep/contract.py, plus the corruptions the integrity tests need.
 
-The writer lives in pretraining.data_synthetic (the loader benchmark uses it too); this module adds the faults.
+The writer lives in benchmarks.synthetic (the loader benchmark uses it too); this module adds the faults.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from benchmarks.synthetic import MASK_ID, SPECIAL_IDS, write_synthetic_shards
 from data_prep import contract
-from pretraining.data_synthetic import MASK_ID, SPECIAL_IDS, write_synthetic_shards
 
 __all__ = ["MASK_ID", "SPECIAL_IDS", "write_synthetic_shards", "rewrite_shard", "flip_byte", "truncate"]
 

@@ -41,15 +41,23 @@ def test_every_ds_config_validates(path):
     assert cfg.optimizer.lr == raw["optimizer"]["params"]["lr"]
     # DeepSpeed's own parser accepts what we pass it (optimizer section removed, batch resolved; without a process
     # group it assumes one rank)
-    ds_runtime_config.DeepSpeedConfig({**cfg.deepspeed, **cfg.batch.resolved(1)})
+    ds_runtime_config.DeepSpeedConfig(cfg.deepspeed_dict(1, hidden_size=768))
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
-def test_every_run_config_validates(path, monkeypatch):
-    monkeypatch.chdir(REPO)  # deepspeed_config paths are relative to the repository root, as users type them
-    cfg = load_config(path)
-    assert cfg.max_steps >= 1 and cfg.data.shard_dir and cfg.deepspeed["train_batch_size"]
+def test_every_run_config_validates(path, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # recipes travel: their DeepSpeed JSON is found from any directory
+    required = ["model.init=/models/bert"] if "init: ???" in path.read_text() else []
+    cfg = load_config(path.stem, None, required)  # by name, as users select packaged recipes
+    assert cfg.max_steps >= 1 and cfg.data.shard_dir and cfg.deepspeed_dict(1, 768)["train_batch_size"]
     assert cfg.schedule.total_steps >= cfg.schedule.warmup_steps
+
+
+def test_the_biobert_recipe_names_its_model():
+    with pytest.raises(ValueError, match=r"model.init is required by this config .*add model.init=VALUE"):
+        load_config("biobert_continued_seq512")
+    cfg = load_config("biobert_continued_seq512", None, ["model.init=bert-base-cased"])
+    assert cfg.model.init == "bert-base-cased" and cfg.batch.global_batch_size == 192
 
 
 def test_overrides_and_types(tmp_path):
@@ -63,7 +71,9 @@ def test_overrides_and_types(tmp_path):
     assert cfg.max_steps == 20 and cfg.schedule.total_steps == 20  # derived from max_steps
     assert cfg.model.init is None and cfg.zero_stage == 3
     assert cfg.grad_accum(2) == 4 and cfg.batch.micro(2) == 1
-    assert "optimizer" not in cfg.deepspeed  # we build the optimizer; DeepSpeed gets it as a client optimizer
+    ds = cfg.deepspeed_dict(2)
+    assert "optimizer" not in ds  # we build the optimizer; DeepSpeed gets it as a client optimizer
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["overlap_comm"] is True  # extra kept
 
 
 def test_yaml_scientific_notation_is_a_number(tmp_path):
@@ -76,25 +86,25 @@ def test_yaml_scientific_notation_is_a_number(tmp_path):
 
 
 def test_batch_must_agree_with_world_size():
-    assert BatchConfig(192, 24).grad_accum(8) == 1
-    assert BatchConfig(192, 24).grad_accum(2) == 4
-    assert BatchConfig(None, 4, 2).resolved(3) == dict(train_batch_size=24, train_micro_batch_size_per_gpu=4,
+    assert BatchConfig(global_batch_size=192, micro_batch_size=24).grad_accum(8) == 1
+    assert BatchConfig(global_batch_size=192, micro_batch_size=24).grad_accum(2) == 4
+    assert BatchConfig(micro_batch_size=4, grad_accum_steps=2).resolved(3) == dict(train_batch_size=24, train_micro_batch_size_per_gpu=4,
                                                        gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match=r"train_batch_size 192 is not a multiple of micro batch 24 x world size 3"):
-        BatchConfig(192, 24).grad_accum(3)
+        BatchConfig(global_batch_size=192, micro_batch_size=24).grad_accum(3)
     with pytest.raises(ValueError, match=r"train_batch_size 192 != micro batch 24 x gradient_accumulation_steps 2 x "
                                          r"world size 8 = 384"):
-        BatchConfig(192, 24, 2).grad_accum(8)
+        BatchConfig(global_batch_size=192, micro_batch_size=24, grad_accum_steps=2).grad_accum(8)
 
 
 def test_clear_errors(tmp_path):
     ds = REPO / "ds_configs" / "tiny_cpu.json"
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lrr'\]"):
+    with pytest.raises(ValueError, match=r"unknown key 'optimizer.lrr'; did you mean 'optimizer.lr'\?"):
         load_config(MINIMAL, ds, ["optimizer.lrr=1"])
     with pytest.raises(ValueError, match="optimizer.lr is 0.1 in run config but 0.003 in"):
         load_config({**MINIMAL, "optimizer": {"lr": 0.1}}, ds)  # recipe and run config disagree
     assert load_config({**MINIMAL, "optimizer": {"lr": 0.003}}, ds).optimizer.lr == 0.003  # agreeing is fine
-    with pytest.raises(ValueError, match="data.shard_dir is required"):
+    with pytest.raises(ValueError, match=r"data.shard_dir is required \(.*\): add data.shard_dir=VALUE"):
         load_config({"output_dir": "o", "max_steps": 1}, ds)
     with pytest.raises(ValueError, match="not key=value"):
         load_config(MINIMAL, ds, ["optimizer.lr"])
@@ -106,7 +116,7 @@ def test_clear_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match=rf"{bad}: not valid JSON"):
         load_config(MINIMAL, bad)
-    with pytest.raises(FileNotFoundError, match="config file not found"):
+    with pytest.raises(FileNotFoundError, match="missing.json': no such file, and not a packaged recipe"):
         load_config(MINIMAL, tmp_path / "missing.json")
     with pytest.raises(ValueError, match="scheduler.type 'OneCycle' unsupported"):
         load_config(MINIMAL, {"train_batch_size": 2, "scheduler": {"type": "OneCycle"}})
@@ -117,11 +127,11 @@ def test_deepspeed_scheduler_section_translates():
                                 "scheduler": {"type": "WarmupDecayLR",
                                               "params": {"warmup_num_steps": 3, "total_num_steps": 9}}})
     assert (cfg.optimizer.name, cfg.schedule.warmup_steps, cfg.schedule.total_steps) == ("adamw", 3, 9)
-    assert "scheduler" not in cfg.deepspeed
+    assert "scheduler" not in cfg.deepspeed_dict(1)
 
 
 def test_rank_discovery_from_every_launcher():
-    from pretraining.distributed import _first_slurm_host, discover
+    from biobert.dist import discover, master_addr
 
     d = discover({})
     assert (d.rank, d.local_rank, d.world_size, d.launcher) == (0, 0, 1, "python")
@@ -133,7 +143,8 @@ def test_rank_discovery_from_every_launcher():
     assert (d.rank, d.world_size, d.launcher) == (1, 2, "openmpi")
     d = discover({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0"})
     assert (d.rank, d.world_size, d.launcher) == (2, 4, "mpich")
-    assert _first_slurm_host("gpu[03-05,07],cpu1") == "gpu03" and _first_slurm_host("node7") == "node7"
+    assert master_addr({"SLURM_JOB_NODELIST": "gpu[03-05,07],cpu1"}) == "gpu03"
+    assert master_addr({"SLURM_JOB_NODELIST": "node7", "MASTER_ADDR": "10.0.0.1"}) == "10.0.0.1"
 
 
 def test_lamb_with_zero_partitioning_is_refused():
@@ -143,3 +154,26 @@ def test_lamb_with_zero_partitioning_is_refused():
     assert load_config(MINIMAL, ds, ["optimizer.name=lamb", "ds.zero_optimization.stage=0"]).zero_stage == 0
     opted_in = load_config(MINIMAL, ds, ["optimizer.name=lamb", "optimizer.allow_lamb_with_zero=true"])
     assert opted_in.optimizer.name == "lamb" and opted_in.zero_stage == 2
+
+
+def test_deepspeed_json_is_read_into_typed_sections_and_checked():
+    cfg = load_config(MINIMAL, "bert_base_seq512_lamb_fp16")  # a packaged recipe by name
+    assert (cfg.engine.precision, cfg.engine.zero_stage, cfg.engine.gradient_clipping) == ("fp16", 0, 1.0)
+    ds = cfg.deepspeed_dict(8)
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and "bf16" not in ds
+    with pytest.raises(ValueError, match="unknown DeepSpeed key 'zero_optimisation'; did you mean 'zero_optimization'"):
+        load_config(MINIMAL, "tiny_cpu", ["ds.zero_optimisation.stage=1"])
+    with pytest.raises(ValueError, match="fp16 and bf16 are both enabled"):
+        load_config(MINIMAL, {"train_batch_size": 8, "fp16": {"enabled": True}, "bf16": {"enabled": True}})
+    with pytest.raises(FileNotFoundError, match="did you mean 'tiny_cpu'"):
+        load_config(MINIMAL, "tiny_cpus")
+
+
+def test_auto_values_resolve_like_hf():
+    """HF's rule: 'auto' batch keys come from the rest of the config, 'auto' ZeRO buckets from the hidden size."""
+    cfg = load_config(MINIMAL, "tiny_cpu", ["ds.train_micro_batch_size_per_gpu=auto",
+                                            "ds.zero_optimization.reduce_bucket_size=auto"])
+    assert cfg.batch.micro_batch_size is None and cfg.batch.global_batch_size == 8
+    ds = cfg.deepspeed_dict(2, hidden_size=64)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (4, 1)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64

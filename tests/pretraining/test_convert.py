@@ -62,8 +62,8 @@ def test_nvidia_checkpoint_round_trips_to_equal_logits(tmp_path):
     torch.save({"model": nvidia_state_dict(model), "optimizer": {"state": {}}, "files": [3, 4], "epoch": 1}, ckpt)
     (tmp_path / "bert_config.json").write_text(json.dumps(CFG))
     vocab = write_vocab(tmp_path / "vocab.txt")
-    out = convert.main(["--from", "nvidia", str(ckpt), "--config", str(tmp_path / "bert_config.json"),
-                        "--vocab", str(vocab), str(tmp_path / "hf")])
+    out = convert.main(convert.ConvertConfig(source="nvidia", checkpoint=str(ckpt), vocab=str(vocab),
+                                             config=str(tmp_path / "bert_config.json"), out_dir=str(tmp_path / "hf")))
 
     hf = transformers.BertForPreTraining.from_pretrained(str(out)).eval()
     assert hf.config.vocab_size == 99 and hf.bert.embeddings.word_embeddings.weight.shape == (99, 32)
@@ -80,12 +80,12 @@ def test_nvidia_checkpoint_round_trips_to_equal_logits(tmp_path):
 def test_nvidia_bad_inputs(tmp_path):
     (tmp_path / "bert_config.json").write_text(json.dumps(CFG))
     torch.save({"model": {"module.something": torch.zeros(1)}}, tmp_path / "ckpt_1.pt")
-    with pytest.raises(SystemExit, match="ckpt_1.pt: no BERT state dict"):
-        convert.main(["--from", "nvidia", str(tmp_path / "ckpt_1.pt"), "--config", str(tmp_path / "bert_config.json"),
+    with pytest.raises(ValueError, match="ckpt_1.pt: no BERT state dict"):
+        convert.cli(["--from", "nvidia", str(tmp_path / "ckpt_1.pt"), "--config", str(tmp_path / "bert_config.json"),
                       "--vocab", str(write_vocab(tmp_path / "vocab.txt")), str(tmp_path / "out")])
     torch.save({"model": nvidia_state_dict(tiny_model())}, tmp_path / "ckpt_2.pt")
-    with pytest.raises(SystemExit, match="embedding has 104 rows but .*vocab_big.txt has 200 tokens"):
-        convert.main(["--from", "nvidia", str(tmp_path / "ckpt_2.pt"), "--config", str(tmp_path / "bert_config.json"),
+    with pytest.raises(ValueError, match="embedding has 104 rows but .*vocab_big.txt has 200 tokens"):
+        convert.cli(["--from", "nvidia", str(tmp_path / "ckpt_2.pt"), "--config", str(tmp_path / "bert_config.json"),
                       "--vocab", str(write_vocab(tmp_path / "vocab_big.txt", 200)), str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
@@ -157,7 +157,7 @@ def test_tf_without_tensorflow_names_the_extra(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_tf)
     (tmp_path / "bert_config.json").write_text(json.dumps(CFG))
-    with pytest.raises(SystemExit, match=r"needs TensorFlow: pip install '\.\[tf\]'"):
-        convert.main(["--from", "tf", str(tmp_path / "model.ckpt-1000000"), "--config",
+    with pytest.raises(ValueError, match=r"needs TensorFlow: pip install '\.\[tf\]'"):
+        convert.cli(["--from", "tf", str(tmp_path / "model.ckpt-1000000"), "--config",
                       str(tmp_path / "bert_config.json"), "--vocab", str(write_vocab(tmp_path / "vocab.txt")),
                       str(tmp_path / "out")])

@@ -188,7 +188,7 @@ def test_samples_consumed_tracks_position(dynamic_dir):
 
 def masked_example(n=400, seq_len=128, epoch=0, ids=None):
     rng = np.random.default_rng(0)
-    from pretraining.data_synthetic import synthetic_samples
+    from benchmarks.synthetic import synthetic_samples
 
     s = synthetic_samples(n, seq_len, 1000, rng, short_seq_prob=0.3)
     ids = np.arange(n) if ids is None else ids
@@ -409,7 +409,7 @@ def test_loads_real_data_prep_shards(tmp_path, shared_data, minilm_dir, masking)
 
 
 def test_benchmark_loader_reports_both_readers(tmp_path):
-    from pretraining.benchmark_loader import LoaderBenchConfig, main
+    from benchmarks.loader_bench import LoaderBenchConfig, main
 
     rows = main(LoaderBenchConfig(seq_lens=[32], seconds=0.2, num_shards=2, samples_per_shard=256, micro_batch=16,
                                   vocab_size=100, work_dir=str(tmp_path)))

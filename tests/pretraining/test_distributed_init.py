@@ -9,7 +9,7 @@ import time
 
 from engine_fixtures import REPO, clean_env
 
-INIT = "from pretraining import distributed as d; e = d.init(); import torch; print('ok', e.world_size, " \
+INIT = "from biobert import dist as d; e = d.init(); import torch; print('ok', e.world_size, " \
        "torch.distributed.get_world_size())"
 
 
@@ -30,7 +30,7 @@ def test_init_survives_a_stale_extension_lock(tmp_path):
 
 
 def test_fresh_lock_is_not_reported(tmp_path, monkeypatch):
-    from pretraining.distributed import warn_stale_extension_locks
+    from biobert.dist import warn_stale_extension_locks
 
     (tmp_path / "op").mkdir()
     (tmp_path / "op" / "lock").touch()

@@ -108,7 +108,7 @@ def _matrix(out: Path, shard_dir: Path, tokenizer: Path) -> None:
     """Runs inside `deepspeed --num_gpus 2 test_engine.py --matrix ...`; each rank writes its findings."""
     from shard_factory import flip_byte
 
-    from pretraining import distributed as dist
+    from biobert import dist
     from pretraining.trainer import main
 
     found: dict = {}

@@ -43,8 +43,8 @@ class _IdFile:
 
 
 def _launch_a(out: Path, shards: Path) -> None:
+    from biobert import dist
     from pretraining import checkpoint as ckpt
-    from pretraining import distributed as dist
     from pretraining.trainer import main
 
     dist.init()
@@ -65,8 +65,8 @@ def _launch_a(out: Path, shards: Path) -> None:
 
 
 def _launch_b(out: Path, shards: Path) -> int:
+    from biobert import dist
     from pretraining import checkpoint as ckpt
-    from pretraining import distributed as dist
     from pretraining.trainer import main
 
     dist.init()

@@ -109,7 +109,7 @@ def test_run_py_survives_a_signal_during_its_imports(tmp_path, shards):
 
 
 def test_cuda_device_index_under_gpus_per_task():
-    from pretraining.distributed import cuda_device_index
+    from biobert.dist import cuda_device_index
 
     assert cuda_device_index(3, 1) == 0  # srun --gpus-per-task=1: the task sees only its own GPU
     assert cuda_device_index(3, 8) == 3 and cuda_device_index(9, 8) == 1
@@ -118,7 +118,7 @@ def test_cuda_device_index_under_gpus_per_task():
 
 
 def test_default_port_derived_from_slurm_job_id():
-    from pretraining.distributed import DEFAULT_PORT, default_port
+    from biobert.dist import DEFAULT_PORT, default_port
 
     assert default_port({}) == DEFAULT_PORT
     a, b = default_port({"SLURM_JOB_ID": "123456"}), default_port({"SLURM_JOB_ID": "123457"})

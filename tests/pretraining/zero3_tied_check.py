@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from transformers import BertConfig
 
-from pretraining.distributed import init
+from biobert.dist import init
 from pretraining.model import BertForPreTraining
 
 

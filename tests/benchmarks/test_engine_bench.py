@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pretraining.benchmark import main, parse_args
+from benchmarks.engine_bench import main, parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 

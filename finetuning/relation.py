@@ -1,4 +1,4 @@
-"""Relation extraction fine-tuning: ``python finetuning/re.py --model DIR --data DIR --output-dir OUT [--cv-folds 10]``.
+"""Relation extraction fine-tuning: ``biobert re --model DIR --data DIR --output-dir OUT [--cv-folds 10]``.
 
 DATA holds train/dev/test as BioBERT TSV or marker JSONL. Binary tasks score the positive class, multi-class ones
 the micro average over classes except the negative one. Without a test split, ``--cv-folds K`` runs stratified
@@ -8,28 +8,19 @@ K-fold cross-validation over train (+dev): OUT/folds.json, OUT/fold_K/{train,tes
 from __future__ import annotations
 
 import os
-import sys
-
-if __name__ == "__main__":  # `python finetuning/re.py` would otherwise import this file as the stdlib `re`
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
 import statistics
+import sys
 
 import numpy as np
 
-from finetuning.common import (
-    find_split,
-    load_tokenizer,
-    require_data_dir,
-    results_line,
-    subsample,
-    write_json,
-    write_text,
-)
-from finetuning.config import REConfig, parse_config, to_dict
+from biobert.config import parse
+from biobert.errors import UserError, run
+from biobert.files import atomic_write, atomic_write_json
+from finetuning.common import find_split, load_tokenizer, require_data_dir, results_line, subsample, trained_labels
+from finetuning.config import REConfig, to_dict
 from finetuning.heads import BertForSequenceClassification, load_head, resolve_model
 from finetuning.metrics import classification_scores
-from finetuning.re_data import (
+from finetuning.relation_data import (
     REExample,
     check_labels,
     default_negative,
@@ -76,7 +67,7 @@ def run_split(cfg: REConfig, rt: Runtime, task: RETask, model_dir, train, dev, t
         if examples and wanted:
             result[name], pred = task.evaluate(model, examples, rt)
             if rt.is_main:
-                write_text(os.path.join(out_dir, f"{name}_predictions.tsv"), _predictions_tsv(examples, pred))
+                atomic_write(os.path.join(out_dir, f"{name}_predictions.tsv"), _predictions_tsv(examples, pred))
     if rt.is_main and save_model and train is not None:
         from pretraining.model import save_pretrained
 
@@ -97,7 +88,7 @@ def main(cfg: REConfig) -> dict:
     tokenizer = load_tokenizer(model_dir)
     paths = {s: find_split(data, s, EXTS) for s in ("train", "dev", "test")}
     if paths["train"] is None and (cfg.do_train or cfg.cv_folds):
-        raise FileNotFoundError(f"{data}: no train file ({'/'.join(EXTS)})")
+        raise UserError(f"{data}: no train file ({'/'.join(EXTS)})")
     full_train = read_re_file(paths["train"]) if paths["train"] else None
     train = subsample(full_train, cfg.max_train_examples, cfg.seed) if full_train else None
     dev = _read(paths["dev"], cfg, cfg.max_eval_examples)
@@ -105,10 +96,8 @@ def main(cfg: REConfig) -> dict:
     if full_train is not None:
         labels = label_set(full_train)  # from the whole file: a subsample may miss a rare class
     else:
-        from transformers import BertConfig
-
-        id2label = BertConfig.from_json_file(str(model_dir / "config.json")).id2label
-        labels = [id2label[i] for i in range(len(id2label))]
+        labels = trained_labels(model_dir, "classifier.weight", "relation classification",
+                                lambda labels: not all(lab.startswith("LABEL_") for lab in labels))
     for split, examples in (("dev", dev), ("test", test)):
         if examples:
             check_labels(examples, labels, paths[split])
@@ -120,7 +109,7 @@ def main(cfg: REConfig) -> dict:
         pool = train + (dev or [])
         folds = stratified_folds([e.label for e in pool], cfg.cv_folds, cfg.seed)
         if rt.is_main:
-            write_json(cfg.output_path("folds.json"), {
+            atomic_write_json(cfg.output_path("folds.json"), {
                 "k": cfg.cv_folds, "seed": cfg.seed,
                 "examples": [{"file": str(paths["train"] if i < len(train) else paths["dev"]), "line": e.line,
                               "fold": f} for i, (e, f) in enumerate(zip(pool, folds))],
@@ -131,14 +120,14 @@ def main(cfg: REConfig) -> dict:
             fold_test = [e for e, f in zip(pool, folds) if f == k]
             out = cfg.output_path(f"fold_{k}")
             if rt.is_main:
-                write_text(os.path.join(out, "train.tsv"), to_tsv(fold_train))
-                write_text(os.path.join(out, "test.tsv"), to_tsv(fold_test))
+                atomic_write(os.path.join(out, "train.tsv"), to_tsv(fold_train))
+                atomic_write(os.path.join(out, "test.tsv"), to_tsv(fold_test))
             fold_cfg = cfg if cfg.do_predict else REConfig(**{**to_dict(cfg), "do_predict": True})
             result = run_split(fold_cfg, rt, task, model_dir, fold_train, None, fold_test, out, cfg.save_fold_models)
             result["fold"] = k
             per_fold.append(result)
             if rt.is_main:
-                write_json(os.path.join(out, "metrics.json"), result)
+                atomic_write_json(os.path.join(out, "metrics.json"), result)
                 print(results_line(f"re fold {k}", result, SCORE_KEYS))
         metrics["folds"] = per_fold
         for key in SCORE_KEYS:
@@ -150,11 +139,16 @@ def main(cfg: REConfig) -> dict:
                                  cfg.output_dir, cfg.save_model))
     metrics["config"] = to_dict(cfg)
     if rt.is_main:
-        write_json(cfg.output_path("metrics.json"), metrics)
+        atomic_write_json(cfg.output_path("metrics.json"), metrics)
         print(results_line("re", metrics, SCORE_KEYS) + (
             f" (mean of {cfg.cv_folds} folds, f1 std {metrics['f1_std']:.4f})" if cfg.cv_folds else ""))
     return metrics
 
 
+def cli(argv: list[str] | None = None) -> int:
+    main(parse(REConfig, argv, prog="biobert re", description=__doc__))
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_config(REConfig, description=__doc__))
+    sys.exit(run(cli))

@@ -1,7 +1,7 @@
 """Training throughput, side by side: our engine vs plain HF ``transformers.BertForPreTraining``, same DeepSpeed config.
 
-    python pretraining/benchmark.py --deepspeed_config ds_configs/tiny_cpu.json --model tiny --seq-len 128
-    deepspeed --num_gpus 1 pretraining/benchmark.py --deepspeed_config ds_configs/bert_base_seq512_lamb_bf16.json \\
+    biobert bench engine --deepspeed_config ds_configs/tiny_cpu.json --model tiny --seq-len 128
+    deepspeed --num_gpus 1 --module benchmarks.engine_bench --deepspeed_config ds_configs/bert_base_seq512_lamb_bf16.json \\
         --model base --seq-len 512 [--shards DIR]
 
 Both models get the same weights, optimizer, DeepSpeed config (precision, ZeRO, accumulation) and the same samples.
@@ -22,9 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import numpy as np
 import torch
 
@@ -33,7 +30,7 @@ def synthetic_shards(out_dir: Path, seq_len: int, vocab_size: int, samples: int,
     """Dynamic-masking shards whose lengths follow the distribution in the module docstring."""
     import h5py
 
-    from pretraining import data_synthetic as syn
+    from benchmarks import synthetic as syn
 
     syn.write_synthetic_shards(out_dir, num_shards=1, samples_per_shard=samples, seq_len=seq_len,
                                max_predictions=max(1, round(0.15 * seq_len)), masking="dynamic",
@@ -115,8 +112,8 @@ def main(args: argparse.Namespace) -> dict:
     import deepspeed
     from transformers import BertConfig
 
+    from biobert import dist
     from data_prep.contract import read_vocab_tokens
-    from pretraining import distributed as dist
     from pretraining.config import PRESETS, BatchConfig, ds_sections_to_run, read_file
     from pretraining.data import PretrainingLoader
     from pretraining.metrics import device_name, peak_tflops
@@ -214,5 +211,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def cli(argv: list[str] | None = None) -> int:
+    main(parse_args(argv))
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(cli())

@@ -1,6 +1,6 @@
 """Loader throughput (samples/s per process) vs a plain h5py+numpy reader, measured side by side in one run.
 
-    python pretraining/benchmark_loader.py [--shard-dir DIR --vocab VOCAB] [--seq-lens 128 512] [--micro-batch 64]
+    biobert bench loader [--shard-dir DIR --vocab VOCAB] [--seq-lens 128 512] [--micro-batch 64]
                                            [--seconds 5] [--world-size W] [--json OUT.json]
 
 Without --shard-dir it writes synthetic shards of realistic size (static and dynamic-masking variants) to a temp dir.
@@ -10,38 +10,42 @@ torch.long; for dynamic shards it masks like HF's DataCollatorForLanguageModelin
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
+from benchmarks.synthetic import MASK_ID, SPECIAL_IDS, write_synthetic_shards
+from biobert.config import option, parse
+from biobert.files import atomic_write_json
 from data_prep.contract import read_vocab_tokens
 from pretraining.data import PretrainingLoader
 from pretraining.data_shards import load_manifest
-from pretraining.data_synthetic import MASK_ID, SPECIAL_IDS, write_synthetic_shards
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoaderBenchConfig:
-    shard_dir: str | None = None  # existing shards (measured as they are); None -> synthetic
-    seq_lens: list[int] = field(default_factory=lambda: [128, 512])
-    maskings: list[str] = field(default_factory=lambda: ["static", "dynamic"])
-    micro_batch: int = 64
-    seconds: float = 5.0  # per measurement (after the first batch)
-    num_shards: int = 3
-    samples_per_shard: int = 32768
-    world_size: int = 1  # measure rank 0 of this many: every rank reads whole shards and keeps its 1/world share
-    vocab: str | None = None  # vocab.txt / tokenizer dir of --shard-dir's dynamic shards (for [MASK] and special ids)
-    vocab_size: int = 30522
-    work_dir: str | None = None
+    """Loader throughput vs a plain h5py reader."""
+
+    shard_dir: str | None = option(None, "existing shards (measured as they are); default: synthetic shards")
+    seq_lens: list[int] = option(factory=lambda: [128, 512], help="synthetic shards: sequence lengths")
+    maskings: list[str] = option(factory=lambda: ["static", "dynamic"], help="synthetic shards: masking variants",
+                                 choices=("static", "dynamic"))
+    micro_batch: int = option(64, "samples per batch")
+    seconds: float = option(5.0, "per measurement (after the first batch)")
+    num_shards: int = option(3, "synthetic shards per variant")
+    samples_per_shard: int = option(32768, "synthetic samples per shard")
+    world_size: int = option(1, "measure rank 0 of this many ranks (each keeps its 1/world share)")
+    vocab: str | None = option(None, "vocab.txt / tokenizer dir of --shard-dir's dynamic shards ([MASK], special ids)")
+    vocab_size: int = option(30522, "synthetic shards: vocabulary size")
+    work_dir: str | None = option(None, "where synthetic shards go (default: a temp dir)")
+    json: str | None = option(None, "also write the results here")
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or self.seconds <= 0 or self.world_size < 1:
@@ -130,28 +134,16 @@ def main(cfg: LoaderBenchConfig) -> list[dict]:
     return results
 
 
-def parse_args(argv=None) -> tuple[LoaderBenchConfig, str | None]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shard-dir")
-    p.add_argument("--vocab", help="vocab.txt or tokenizer dir of --shard-dir (dynamic shards: [MASK], special ids)")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--maskings", nargs="+", default=["static", "dynamic"], choices=["static", "dynamic"])
-    p.add_argument("--micro-batch", type=int, default=64)
-    p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--num-shards", type=int, default=3)
-    p.add_argument("--samples-per-shard", type=int, default=32768)
-    p.add_argument("--world-size", type=int, default=1, help="measure rank 0 of this many ranks")
-    p.add_argument("--work-dir")
-    p.add_argument("--json", help="also write the results here")
-    a = p.parse_args(argv)
-    cfg = LoaderBenchConfig(a.shard_dir, a.seq_lens, a.maskings, a.micro_batch, a.seconds, a.num_shards,
-                            a.samples_per_shard, a.world_size, vocab=a.vocab, work_dir=a.work_dir)
-    return cfg, a.json
+def cli(argv: list[str] | None = None) -> int:
+    cfg = parse(LoaderBenchConfig, argv, prog="biobert bench loader", description=__doc__)
+    torch.set_num_threads(1)  # one process = one trainer's loader; keep torch from spreading over all cores
+    res = main(cfg)
+    if cfg.json:
+        atomic_write_json(cfg.json, {"config": asdict(cfg), "results": res})
+    return 0
 
 
 if __name__ == "__main__":
-    cfg, json_out = parse_args()
-    torch.set_num_threads(1)  # one process = one trainer's loader; keep torch from spreading over all cores
-    res = main(cfg)
-    if json_out:
-        Path(json_out).write_text(json.dumps({"config": asdict(cfg), "results": res}, indent=2))
+    import sys
+
+    sys.exit(cli())

@@ -1,6 +1,6 @@
 """Data prep throughput vs the practical ceiling (raw `tokenizers` batch encoding of the same text, one core).
 
-    python -m data_prep.benchmark [--inputs DIR_OR_FILES...] [--vocab VOCAB] [--workers 1 2]
+    python -m benchmarks.prep_bench [--inputs DIR_OR_FILES...] [--vocab VOCAB] [--workers 1 2]
 
 Prints docs/s, tokens/s, shard MB/s and peak memory for each worker count, and end-to-end tokens/s per worker
 as a fraction of the ceiling. Default input: the shared MEDLINE sample ($BIOBERT_DATA/corpus/pubmed).
@@ -69,7 +69,7 @@ def end_to_end(inputs: list[str], vocab: str, workers: int, **kw) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.benchmark", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="biobert bench prep", description=__doc__.split("\n\n")[0])
     ap.add_argument("--inputs", nargs="+", default=None)
     ap.add_argument("--vocab", default=None)
     ap.add_argument("--workers", nargs="+", type=int, default=[1, 2])
@@ -111,5 +111,9 @@ def _report(inputs: list[str], args) -> None:
           f"masking={'dynamic' if args.dynamic_masking else 'static'}")
 
 
+def cli(argv: list[str] | None = None) -> int:
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

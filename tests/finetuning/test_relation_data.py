@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from finetuning.re_data import check_labels, default_negative, label_set, read_re_file, stratified_folds, to_tsv
+from finetuning.relation_data import check_labels, default_negative, label_set, read_re_file, stratified_folds, to_tsv
 
 
 def test_tsv_plain_header_and_index_column(tmp_path):
