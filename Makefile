@@ -23,7 +23,7 @@ slurm:
 		|| echo "warning: could not install slurm-wlm; SLURM launcher tests will skip"; fi
 
 demo: $(STAMP)
-	$(PY) launch/pipeline.py --output-dir demo_out
+	$(VENV)/bin/biobert demo --output-dir demo_out
 
 test: $(STAMP) slurm
 	$(VENV)/bin/ruff check .

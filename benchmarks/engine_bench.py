@@ -16,7 +16,6 @@ length, pretraining.metrics), then the speed-up ratio. Runs on one process (worl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from biobert.files import atomic_write_json
 
 
 def synthetic_shards(out_dir: Path, seq_len: int, vocab_size: int, samples: int, min_fill: float, seed: int) -> Path:
@@ -114,7 +115,7 @@ def main(args: argparse.Namespace) -> dict:
 
     from biobert import dist
     from data_prep.contract import read_vocab_tokens
-    from pretraining.config import PRESETS, BatchConfig, ds_sections_to_run, read_file
+    from pretraining.config import PRESETS, load_config
     from pretraining.data import PretrainingLoader
     from pretraining.metrics import device_name, peak_tflops
     from pretraining.model import BertForPreTraining, load_pretrained
@@ -123,18 +124,13 @@ def main(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dist.init()
-    ds = read_file(args.deepspeed_config)
-    opt = {"name": "lamb", "lr": 1e-4, **ds_sections_to_run(ds, args.deepspeed_config).get("optimizer", {})}
-    ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
-    if args.micro_batch:
-        ds.pop("train_batch_size", None)
-        ds["train_micro_batch_size_per_gpu"] = args.micro_batch
-    batch = BatchConfig(ds.get("train_batch_size"), ds.get("train_micro_batch_size_per_gpu"),
-                        ds.get("gradient_accumulation_steps"))
-    ds.update(batch.resolved(1))
-    accum, micro = batch.grad_accum(1), batch.micro(1)
+    # the DeepSpeed JSON read the way a training run reads it (batch, precision, ZeRO, optimizer)
+    overrides = [("batch.micro_batch_size", args.micro_batch), ("batch.global_batch_size", None),
+                 ("batch.grad_accum_steps", None)] if args.micro_batch else []
+    run = load_config({"output_dir": "-", "max_steps": 1, "data": {"shard_dir": "-"}}, args.deepspeed_config,
+                      overrides)
+    accum, micro, precision, opt = run.grad_accum(1), run.batch.micro(1), run.precision, run.optimizer
     device = dist.device()
-    precision = "fp16" if ds.get("fp16", {}).get("enabled") else "bf16" if ds.get("bf16", {}).get("enabled") else "fp32"
 
     torch.manual_seed(args.seed)
     if args.model in PRESETS:
@@ -164,9 +160,10 @@ def main(args: argparse.Namespace) -> dict:
     for name, model, convert in (("ours", ours, lambda b: b), ("hf_baseline", hf, hf_inputs)):
         if args.only and name != args.only:
             continue
-        optimizer = build_optimizer(model, opt["name"], opt["lr"], opt.get("betas", (0.9, 0.999)),
-                                    opt.get("eps", 1e-6), opt.get("weight_decay", 0.01), device_type=device.type)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=dict(ds))
+        optimizer = build_optimizer(model, opt.name, opt.lr, opt.betas, opt.eps, opt.weight_decay,
+                                    device_type=device.type)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                          config=run.deepspeed_dict(1, config.hidden_size))
         r = measure(engine, batches, config, args.steps, args.warmup, accum, convert, device)
         r["mfu"] = r["tflops"] / peak if peak == peak else None
         results[name] = r
@@ -187,7 +184,7 @@ def main(args: argparse.Namespace) -> dict:
     if "speedup" in report:
         print(f"  speed-up (ours / HF baseline, samples/s): {report['speedup']:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        atomic_write_json(args.json, report)
     return report
 
 

@@ -8,15 +8,16 @@ as a fraction of the ceiling. Default input: the shared MEDLINE sample ($BIOBERT
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from biobert.config import option, parse
 from data_prep import run
 from data_prep.demo import default_vocab
 from data_prep.extract import find_inputs, iter_documents
@@ -68,17 +69,22 @@ def end_to_end(inputs: list[str], vocab: str, workers: int, **kw) -> dict:
     return s
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="biobert bench prep", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--inputs", nargs="+", default=None)
-    ap.add_argument("--vocab", default=None)
-    ap.add_argument("--workers", nargs="+", type=int, default=[1, 2])
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--dupe-factor", type=int, default=1)
-    ap.add_argument("--dynamic-masking", action="store_true")
-    ap.add_argument("--copies", type=int, default=1, help="symlink the inputs N times: a bigger corpus amortises "
-                    "worker start-up (~1 CPU-s each) as real PubMed files do")
-    args = ap.parse_args(argv)
+@dataclass(kw_only=True)
+class PrepBenchConfig:
+    """data_prep throughput against raw `tokenizers` (the ceiling)."""
+
+    inputs: list[str] | None = option(None, "corpus files/dirs (default: the shared MEDLINE sample, else the demo "
+                                            "corpus)")
+    vocab: str | None = option(None, "vocab.txt or tokenizer dir (default: the packaged MiniLM's)")
+    workers: list[int] = option(factory=lambda: [1, 2], help="worker counts to measure")
+    seq_len: int = option(128, "instance length")
+    dupe_factor: int = option(1, "corpus copies with different masks")
+    dynamic_masking: bool = option(False, "write unmasked (dynamic-masking) shards")
+    copies: int = option(1, "symlink the inputs N times: a bigger corpus amortises worker start-up (~1 CPU-s each) "
+                            "as real PubMed files do")
+
+
+def main(args: PrepBenchConfig) -> int:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker, as in the pool; the ceiling is one core too
     inputs = args.inputs or default_inputs()
     with tempfile.TemporaryDirectory(prefix="bench-inputs-") as links:
@@ -112,7 +118,7 @@ def _report(inputs: list[str], args) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return main(argv)
+    return main(parse(PrepBenchConfig, argv, prog="biobert bench prep", description=__doc__))
 
 
 if __name__ == "__main__":

@@ -10,27 +10,38 @@ compute on one CPU rank) for `warmup` steps, then `steps` steps are profiled; op
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from biobert.config import option, parse
+from biobert.files import atomic_write_json
 
-@dataclass
+
+@dataclass(kw_only=True)
 class ProfileConfig:
-    model: str = "minilm"
-    seq_lens: list[int] = field(default_factory=lambda: [128, 512])
-    micro_batch: int = 16
-    shards: dict[int, str] = field(default_factory=dict)  # seq_len -> shard dir
-    engines: list[str] = field(default_factory=lambda: ["ours", "hf_baseline"])
-    warmup: int = 1
-    steps: int = 2
-    top: int = 12
-    threads: int | None = None
+    """Where a training step's time goes (torch.profiler)."""
+
+    model: str = option("minilm", "minilm, an HF directory, or tiny/base/large")
+    seq_lens: list[int] = option(factory=lambda: [128, 512], help="sequence lengths to profile")
+    micro_batch: int = option(16, "samples per step")
+    shards_128: str | None = option(None, "data_prep shards of seq 128 (default: the shared MEDLINE sample or "
+                                          "synthetic)")
+    shards_512: str | None = option(None, "data_prep shards of seq 512")
+    engines: list[str] = option(factory=lambda: ["ours", "hf_baseline"], help="which models to profile",
+                                choices=("ours", "hf_baseline"))
+    warmup: int = option(1, "unprofiled steps first")
+    steps: int = option(2, "profiled steps")
+    top: int = option(12, "ops listed")
+    threads: int | None = option(None, "torch CPU threads")
+    json: str | None = option(None, "also write the report here")
+
+    @property
+    def shards(self) -> dict[int, str]:
+        return {s: d for s, d in ((128, self.shards_128), (512, self.shards_512)) if d}
 
 
 def _shards(cfg: ProfileConfig, seq: int, tmp: Path, vocab_size: int) -> tuple[Path, str]:
@@ -111,24 +122,11 @@ def markdown(report: dict) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--shards-128")
-    p.add_argument("--shards-512")
-    p.add_argument("--engines", nargs="+", default=["ours", "hf_baseline"])
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--top", type=int, default=12)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--json")
-    a = p.parse_args(argv)
-    shards = {s: d for s, d in ((128, a.shards_128), (512, a.shards_512)) if d}
-    rep = main(ProfileConfig(a.model, a.seq_lens, a.micro_batch, shards, a.engines, steps=a.steps, top=a.top,
-                             threads=a.threads))
+    cfg = parse(ProfileConfig, argv, prog="biobert bench profile", description=__doc__)
+    rep = main(cfg)
     print(markdown(rep))
-    if a.json:
-        Path(a.json).write_text(json.dumps(rep, indent=2))
+    if cfg.json:
+        atomic_write_json(cfg.json, rep)
     return 0
 
 

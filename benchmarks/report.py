@@ -11,6 +11,8 @@ import os
 import platform
 from pathlib import Path
 
+from biobert.files import atomic_write
+
 
 def hardware() -> dict:
     import psutil
@@ -35,11 +37,6 @@ def hardware() -> dict:
             info[mod] = None
     return info
 
-
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def _fmt(v) -> str:
@@ -155,12 +152,12 @@ def _save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path.name
 
 
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results["plots"] = plots(results, out)
-    _atomic_write(out / "results.md", markdown(results))
-    _atomic_write(out / "results.json", json.dumps(results, indent=2, default=str))
+    atomic_write(out / "results.md", markdown(results))
+    atomic_write(out / "results.json", json.dumps(results, indent=2, default=str))

@@ -1,6 +1,6 @@
 """One command for the whole benchmark suite; every figure is measured beside its baseline in the same run.
 
-    biobert bench [--quick] [--suite prep,loader,train,finetune] --output-dir OUT
+    biobert bench [--quick] [--suite prep loader train finetune] --output-dir OUT
     biobert bench engine|train|loader|prep|profile|finetune --help      # one benchmark on its own
 
 Writes OUT/results.json, OUT/results.md (markdown tables: ours | baseline | ratio) and PNG plots (training throughput
@@ -11,13 +11,13 @@ docs/benchmarks.md for the FLOPs accounting and how MFU is computed.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,38 +27,35 @@ if not torch.cuda.is_available():
 
 from benchmarks import report, suites  # noqa: E402
 from benchmarks.grid import SUITES, SuiteConfig  # noqa: E402
+from biobert.config import option, parse  # noqa: E402
 
 
-def _ints(text: str | None) -> list[int] | None:
-    return [int(x) for x in text.split(",")] if text else None
+@dataclass(kw_only=True)
+class BenchArgs:
+    """The benchmark suite; every figure beside its same-run baseline."""
 
-
-def _strs(text: str | None) -> list[str] | None:
-    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+    output_dir: str = option(help="results.json, results.md and the PNG plots go here")
+    quick: bool = option(False, "the short preset: a few minutes on a 2-core CPU")
+    suite: list[str] = option(factory=lambda: list(SUITES), help="suites to run", choices=SUITES)
+    synthetic: bool = option(False, "ignore the shared data; synthetic inputs everywhere")
+    seq_lens: list[int] | None = option(None, "loader and train: sequence lengths (default 128 512)")
+    models: list[str] | None = option(None, "train: tiny | base | large | minilm | an HF directory")
+    micro_batches: list[int] | None = option(None, "train: micro-batch sizes")
+    zero_stages: list[int] | None = option(None, "train: ZeRO stages (0..3)")
+    precisions: list[str] | None = option(None, "train: precisions", choices=("fp32", "bf16", "fp16"))
+    world_sizes: list[int] | None = option(None, "train scaling: world sizes (default 1 2; 1 alone skips scaling)")
+    steps: int | None = option(None, "train: timed steps per case")
+    threads: int | None = option(None, "train grid: torch threads (default: all cores)")
+    finetune_tasks: list[str] | None = option(None, "fine-tuning tasks (names of `biobert bench finetune`)")
+    finetune_examples: int | None = option(None, "fine-tuning: training examples per task")
 
 
 def parse_args(argv=None) -> SuiteConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--quick", action="store_true", help="a few minutes on a 2-core CPU")
-    p.add_argument("--suite", default=",".join(SUITES), help="comma list of " + ",".join(SUITES))
-    p.add_argument("--synthetic", action="store_true", help="ignore the shared data; synthetic inputs everywhere")
-    p.add_argument("--seq-lens", help="comma list (loader and train), default 128,512")
-    p.add_argument("--models", help="train: comma list of tiny|base|large|minilm|HF dir")
-    p.add_argument("--micro-batches", help="train: comma list")
-    p.add_argument("--zero-stages", help="train: comma list of 0..3")
-    p.add_argument("--precisions", help="train: comma list of fp32,bf16,fp16")
-    p.add_argument("--world-sizes", help="train scaling: comma list (default 1,2; '1' skips scaling)")
-    p.add_argument("--steps", type=int, help="train: timed steps per case")
-    p.add_argument("--threads", type=int, help="train grid: torch threads (default: all cores)")
-    p.add_argument("--finetune-tasks", help="comma list (finetuning/benchmark.py task names)")
-    p.add_argument("--finetune-examples", type=int)
-    a = p.parse_args(argv)
+    a = parse(BenchArgs, argv, prog="biobert bench", description=__doc__)
     return SuiteConfig.preset(
-        a.output_dir, a.quick, suites=_strs(a.suite), use_real_data=not a.synthetic, seq_lens=_ints(a.seq_lens),
-        models=_strs(a.models), micro_batches=_ints(a.micro_batches), zero_stages=_ints(a.zero_stages),
-        precisions=_strs(a.precisions), world_sizes=_ints(a.world_sizes), train_steps=a.steps, threads=a.threads,
-        finetune_tasks=_strs(a.finetune_tasks), finetune_examples=a.finetune_examples)
+        a.output_dir, a.quick, suites=a.suite, use_real_data=not a.synthetic, seq_lens=a.seq_lens, models=a.models,
+        micro_batches=a.micro_batches, zero_stages=a.zero_stages, precisions=a.precisions, world_sizes=a.world_sizes,
+        train_steps=a.steps, threads=a.threads, finetune_tasks=a.finetune_tasks, finetune_examples=a.finetune_examples)
 
 
 def main(cfg: SuiteConfig) -> dict:

@@ -230,7 +230,8 @@ def run_finetune(cfg: SuiteConfig) -> tuple[list[dict], dict]:
                 "--max-eval-examples", str(cfg.finetune_examples), "--epochs", str(cfg.finetune_epochs),
                 "--max-seq-len", str(cfg.finetune_seq_len), "--batch-size", str(cfg.finetune_batch),
                 "--gad-folds", "2"]
-        res = fb.main(argv)
+        cfg_fb, given = fb.parse_suite(fb.FinetuneBenchConfig, fb.TASK_CONFIGS.values(), argv, prog="bench")
+        res = fb.main(cfg_fb, given)
     rows = []
     for task in dict.fromkeys(r["task"] for r in res):
         ours = next(r for r in res if r["task"] == task and r["system"] == "ours")

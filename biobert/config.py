@@ -113,6 +113,8 @@ def coerce(hint, value: Any, where: str) -> Any:
                 value = _parse_scalar(value) if value.strip().startswith("[") else value.split(",")
             if not isinstance(value, (list, tuple)):
                 raise ValueError
+            # `--seeds 1 2 3` and `--seeds 1,2,3` alike
+            value = [p for v in value for p in (v.split(",") if isinstance(v, str) and "," in v else [v]) if p != ""]
             if origin is tuple and args and args[-1] is not Ellipsis:
                 if len(value) != len(args):
                     raise ValueError
@@ -316,7 +318,7 @@ def _add_fields(parser, cls, prefix: str = "", group=None, skip: set | None = No
         text = text.replace("%", "%%")
         kind, _ = _unwrap(hint)
         kw: dict[str, Any] = dict(dest=key, default=argparse.SUPPRESS, help=text)
-        if meta.get("choices") and kind in (str, list[str]):  # other kinds are checked after conversion, in build()
+        if meta.get("choices") and kind is str:  # lists and other kinds are checked after conversion, in build()
             kw["choices"] = meta["choices"]
         if typing.get_origin(kind) in (list, tuple):
             kw["nargs"] = "+" if not meta.get("positional") or default is MISSING else "*"
@@ -324,16 +326,17 @@ def _add_fields(parser, cls, prefix: str = "", group=None, skip: set | None = No
             kw.pop("dest")
             target.add_argument(key, metavar=key.upper(), **kw)
             continue
-        names = [_flag_name(key)]
-        if "_" in key:
-            names.append("--" + key)
-        names += [a for a in meta.get("aliases", ()) if a not in names]
+        names = [_flag_name(key)] + [a for a in meta.get("aliases", ()) if a != _flag_name(key)]
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["metavar"] = "X" if kind is not str else "STR"
+            origin = typing.get_origin(kind)
+            kw["metavar"] = (getattr(kind, "__name__", "X") if origin not in (list, tuple) else "X").upper()
         target.add_argument(*names, **kw)
         added += names
+        if "_" in key:  # the underscore spelling (HF TrainingArguments style) works too, without cluttering --help
+            target.add_argument("--" + key, **{**kw, "help": argparse.SUPPRESS})
+            added.append("--" + key)
         if meta.get("false_aliases"):
             target.add_argument(*meta["false_aliases"], dest=key, action="store_false", default=argparse.SUPPRESS,
                                 help=f"same as --no-{key.replace('_', '-')}")
@@ -355,7 +358,7 @@ def make_parser(cls, prog: str, description: str = "", *, config_help: str | Non
     has_positional = any(f.metadata.get("positional") for f in dataclasses.fields(cls))
     if overrides and not has_positional:
         parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                            help="any config key, nested ones as section.key (e.g. optimizer.lr=1e-4)")
+                            help="any setting as key=value (nested ones as section.key=value)")
     return parser, flags + ["--print-config", "--debug"]
 
 

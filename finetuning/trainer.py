@@ -8,7 +8,6 @@ Evaluation runs the whole dev/test set on every rank (fine-tuning sets are small
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import time
@@ -130,17 +129,19 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig, total_steps: int):
 
 
 def _deepspeed_config(cfg: FinetuneConfig, rt: Runtime) -> dict:
+    """The DeepSpeed dict, generated the way pretraining generates its own: precision and ZeRO from --bf16 and
+    --zero-stage, or read from a user's DeepSpeed JSON (its batch and optimizer sections yield to our flags)."""
+    from biobert.config import build, read_file
+    from pretraining.ds_config import EngineConfig, deepspeed_dict, read_deepspeed, resolve_ds_config
+
+    engine = {"precision": "bf16" if cfg.bf16 else "fp32", "zero_stage": cfg.zero_stage,
+              "gradient_clipping": cfg.max_grad_norm}
     if cfg.deepspeed_config:
-        with open(cfg.deepspeed_config, encoding="utf-8") as f:
-            ds = json.load(f)
-    else:
-        ds = {"zero_optimization": {"stage": cfg.zero_stage}, "bf16": {"enabled": cfg.bf16}}
-    ds.update(train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=1)
-    ds.pop("train_batch_size", None)
-    ds.setdefault("gradient_clipping", cfg.max_grad_norm)
-    ds.setdefault("zero_allow_untested_optimizer", True)
-    ds.setdefault("steps_per_print", 10**9)
-    return ds
+        path = resolve_ds_config(cfg.deepspeed_config)
+        engine.update(read_deepspeed(read_file(path), str(path)).get("engine", {}))
+    batch = {"train_batch_size": cfg.batch_size * rt.world_size, "train_micro_batch_size_per_gpu": cfg.batch_size,
+             "gradient_accumulation_steps": 1}
+    return deepspeed_dict(build(EngineConfig, engine, "engine"), batch)
 
 
 # ------------------------------------------------------------------------------------------------------------- loops

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from biobert.files import atomic_write
+
 DISEASES = [
     "breast cancer", "type 2 diabetes", "cystic fibrosis", "Huntington disease", "colorectal carcinoma", "hypertension",
     "asthma", "Alzheimer disease", "myocardial infarction", "rheumatoid arthritis", "Parkinson disease",
@@ -58,7 +60,5 @@ def write_demo_ner(out_dir: str | Path, seed: int = 0, sizes=(("train", 240), ("
         lines = []
         for _ in range(n):
             lines += [f"{tok}\t{tag}" for tok, tag in _sentence(rng, pool)] + [""]
-        tmp = out / f".{split}.tsv.tmp"
-        tmp.write_text("\n".join(lines), encoding="utf-8")
-        tmp.replace(out / f"{split}.tsv")
+        atomic_write(out / f"{split}.tsv", "\n".join(lines))
     return out

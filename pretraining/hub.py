@@ -3,7 +3,7 @@
 Downloads are atomic: files go to a temp dir next to the cache entry, are checked (size from Content-Length, sha256
 from an ETag / X-Checksum-Sha256 header that carries one, as HF's hub does for weight files), and the dir is renamed
 into place only when complete. A cache entry that exists is therefore whole; an interrupted download leaves only a
-`.tmp-*` dir, never something that looks finished.
+`.NAME.*.tmp` dir, never something that looks finished.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import http.client
 import os
 import re
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from biobert.files import publish_dir, temp_dir_for
 
 CONFIG = "config.json"
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # the first one the server has
@@ -113,8 +114,7 @@ def download_model(url: str, timeout: float = 60.0) -> Path:
     if final.is_dir():
         return final  # complete by construction (renamed into place only when whole)
     base = _base_url(url)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp = temp_dir_for(final)
     try:
         for name in (CONFIG, VOCAB):
             if not _fetch(f"{base}/{name}", tmp / name, timeout):
@@ -125,9 +125,8 @@ def download_model(url: str, timeout: float = 60.0) -> Path:
             if not _fetch(f"{base}/{name}", tmp / name, timeout):
                 (tmp / name).unlink(missing_ok=True)
         (tmp / "SOURCE").write_text(base + "\n")
-        os.chmod(tmp, 0o755)
         try:
-            os.rename(tmp, final)
+            publish_dir(tmp, final, replace=False)
         except OSError:
             if not final.is_dir():  # another process (rank) won the race with an identical copy: keep theirs
                 raise

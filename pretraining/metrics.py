@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from biobert.files import atomic_write
 
 # name substring -> {precision: dense TFLOPS}; fp32 on Ampere+ counts TF32 tensor cores (torch's default for matmul
 # is IEEE fp32 unless allow_tf32 is set; we report against TF32 because that is what a tuned run uses).
@@ -99,9 +100,7 @@ def truncate_metrics(path: Path, start_step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, "".join(line + "\n" for line in kept))
     return dropped
 
 

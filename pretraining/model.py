@@ -21,9 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,6 +30,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 from transformers.activations import ACT2FN
+
+from biobert.files import publish_dir, temp_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -458,9 +458,7 @@ def save_pretrained(model: nn.Module, out_dir, tokenizer_dir=None, state_dict=No
             value = value[: config.vocab_size]
         tensors[key] = value.detach().to("cpu").contiguous().clone()
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir_for(out_dir)
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config_dict = config.to_dict()
@@ -474,15 +472,7 @@ def save_pretrained(model: nn.Module, out_dir, tokenizer_dir=None, state_dict=No
                 raise FileNotFoundError(f"{tokenizer_dir}: no vocab.txt or tokenizer.json to copy")
             for name in copied:
                 shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
+        return publish_dir(tmp, out_dir)  # readable by others (0644/0755), swapped in whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir

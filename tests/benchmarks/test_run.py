@@ -78,7 +78,7 @@ def test_every_suite_writes_results(tmp_path, tiny_bert):
 
 
 def test_bad_suite_name_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="'trian' is not one of prep, loader, train, finetune"):
         run.parse_args(["--output-dir", str(tmp_path), "--suite", "prep,trian"])
 
 

@@ -14,17 +14,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from biobert.files import free_port
+
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sacct")
 
 
 def slurm_available() -> bool:
     return all(shutil.which(d) for d in DAEMONS[:4]) and os.geteuid() == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmCluster:
@@ -44,8 +40,8 @@ class SlurmCluster:
         self.conf.write_text(
             f"""ClusterName=biobert-test
 SlurmctldHost={h}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 AuthType=auth/none
 CredType=cred/none
 # a requeued job may start again only once its old credential expired (default 120 s): keep tests quick

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from biobert.files import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_DS = REPO / "ds_configs" / "tiny_cpu.json"
@@ -60,12 +61,6 @@ def step_losses(output_dir: Path) -> dict[int, float]:
         if "step" in rec:
             out[rec["step"]] = rec["loss"]
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env() -> dict:
