@@ -49,6 +49,8 @@ class DataConfig:
     # Global data position of a NEW run (continuing an exported checkpoint on another world size: its
     # samples_consumed); ignored when resuming from a checkpoint, which carries its own position.
     start_sample: int = 0
+    # per-rank file of the sample ids each micro-batch held (<output_dir>/sample_ids/; pretraining/sample_log.py)
+    log_sample_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.start_sample < 0:
