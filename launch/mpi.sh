@@ -14,6 +14,10 @@
 #   MPI_BIND    mpirun --bind-to value          (default none: a rank's loader threads must not share one core)
 #   MPI_ARGS    extra mpirun flags, e.g. "--mca btl_tcp_if_include eth0"
 # As root (containers) it adds --allow-run-as-root; --oversubscribe lets CPU runs use more ranks than cores.
+# Environment: mpirun starts remote ranks through ssh with a bare login environment, so every variable the ranks
+# need is passed with -x: those `python launch/env.py --forward-names` lists (NCCL_*, UCX_*, FI_*, LD_LIBRARY_PATH,
+# PYTHONPATH, OMP_NUM_THREADS, PATH, MASTER_ADDR/PORT, the project's BIOBERT_*/DS_*/HF_* ...), with this shell's
+# values. With a HOSTFILE it prints the plan first (which ranks each node hosts).
 # Signals: SIGTERM/SIGUSR1 to this script are passed to mpirun, which forwards them to every rank; the ranks
 # checkpoint and exit 75 (run again to resume). Exit code: mpirun's (75 after such a stop).
 set -uo pipefail
@@ -46,7 +50,7 @@ fi
 NP=${NP:-$default_np}
 export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-29500}
 case "$DEVICE" in
-    cpu) export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; mpi+=(-x DS_ACCELERATOR -x OMP_NUM_THREADS) ;;
+    cpu) export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ;;
     cuda|gpu) ;;
     *) echo "DEVICE=$DEVICE: expected auto, cuda or cpu" >&2; exit 2 ;;
 esac
@@ -55,9 +59,14 @@ CONFIG=${CONFIG:-pretraining/configs/biobert_continued_seq512.yaml}
 args=(--config "$CONFIG")
 [ -n "${DS_CONFIG:-}" ] && args+=(--deepspeed_config "$DS_CONFIG")
 
-echo "launch/mpi.sh: $NP ranks on $DEVICE via $MPIRUN, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG" >&2
 # -x: variables every rank needs, also on other nodes (Open MPI does not export the environment by itself)
-"$MPIRUN" -n "$NP" "${mpi[@]}" -x MASTER_ADDR -x MASTER_PORT -x PATH "${more[@]}" \
+names=$("$PYTHON" launch/env.py --forward-names) || { echo "launch/env.py --forward-names failed" >&2; exit 2; }
+for name in $names; do mpi+=(-x "$name"); done
+
+echo "launch/mpi.sh: $NP ranks on $DEVICE via $MPIRUN, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG" >&2
+echo "launch/mpi.sh: forwarding to every rank:" $names >&2
+[ -n "${HOSTFILE:-}" ] && { "$PYTHON" launch/env.py >&2 || true; }
+"$MPIRUN" -n "$NP" "${mpi[@]}" "${more[@]}" \
     "$PYTHON" -u pretraining/run.py "${args[@]}" "$@" &
 pid=$!
 trap 'kill -s USR1 "$pid"' USR1
