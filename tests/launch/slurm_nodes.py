@@ -225,16 +225,17 @@ exec nsenter --target "$pid" --net --uts --mount -- env -i HOME=/root USER=root 
                        capture_output=True)
 
     def job_ranks(self, job_id: int | str) -> list[int]:
-        """pids of the job's training ranks (pretraining/run.py processes, not the deepspeed launchers), any node."""
+        """pids of the job's training ranks on any node: python running pretraining/run.py, not a launcher."""
         mark = f"SLURM_JOB_ID={job_id}".encode()
         pids = []
         for proc in Path("/proc").iterdir():
             try:
-                cmd = (proc / "cmdline").read_bytes()
-                if b"pretraining/run.py" in cmd and b"deepspeed.launcher" not in cmd and b"bash\0-c" not in cmd \
-                        and mark in (proc / "environ").read_bytes().split(b"\0"):
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if (Path(argv[0].decode()).name.startswith("python") and b"pretraining/run.py" in argv
+                        and b"deepspeed.launcher" not in b" ".join(argv)
+                        and mark in (proc / "environ").read_bytes().split(b"\0")):
                     pids.append(int(proc.name))
-            except (OSError, ValueError):
+            except (OSError, ValueError, IndexError):
                 continue
         return pids
 
@@ -245,6 +246,16 @@ exec nsenter --target "$pid" --net --uts --mount -- env -i HOME=/root USER=root 
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+    @staticmethod
+    def pending(pid: int, sig: signal.Signals) -> bool:
+        """Is `sig` waiting to be delivered to `pid` (e.g. while it is stopped)? A process that is gone counts."""
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return True
+        masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("ShdPnd:", "SigPnd:"))]
+        return any(m & (1 << (int(sig) - 1)) for m in masks)
 
     def update_job(self, job_id: int | str, **fields: str) -> None:
         subprocess.run(["scontrol", "update", f"JobId={job_id}", *(f"{k}={v}" for k, v in fields.items())],

@@ -256,6 +256,11 @@ def test_preempted_twice_requeues_resumes_on_other_nodes_and_matches(cluster, sy
             while _log(log).count("SIGUSR1: asking the training ranks") <= restarts:
                 assert time.time() < deadline and cluster.job_state(job) == "RUNNING", _log(log)
                 time.sleep(0.2)
+            # the batch shell forwards it to the held ranks (pending until they run); if it reached them just before
+            # they were held, they have it already: then only a short wait
+            until = time.time() + 15
+            while not all(cluster.pending(pid, signal.SIGUSR1) for pid in pids) and time.time() < until:
+                time.sleep(0.1)
         finally:
             cluster.send(pids, signal.SIGCONT)
 
