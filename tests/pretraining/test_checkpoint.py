@@ -116,6 +116,10 @@ def test_sigusr1_saves_exits_75_and_resume_matches(tmp_path, shards, minilm_dir)
     first = main(cfg(out, 2), on_step=send_signal)
     assert first["preempted"] and first["exit_code"] == EXIT_PREEMPTED == 75 and first["step"] == 3
     assert first["checkpoint"].name == "step_00000003" and ckpt.check_complete(first["checkpoint"])[0]
+    # the marker lists what the ranks reported writing: exactly the folder's files, each with its size
+    marker = ckpt.read_marker(first["checkpoint"])
+    assert marker["files"] == ckpt._files(first["checkpoint"]) and "hf/config.json" in marker["files"]
+    assert [(r["rank"], sorted(r["files"])) for r in marker["ranks"]] == [(0, sorted(marker["files"]))]
     assert signal.getsignal(signal.SIGUSR1) == handler_before  # main() restores the caller's handlers
     assert first["losses"] == reference[:3]
     (first["checkpoint"] / ckpt.MARKER).unlink()  # as if killed just before the marker: must not be used
