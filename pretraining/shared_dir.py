@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from pretraining import distributed as dist
+from biobert import dist
 
 TOKEN_PREFIX = ".shared-check-"
 FIX = ("every rank must see one shared directory (NFS, Lustre, GPFS, ...), not node-local storage mounted at the "

@@ -70,7 +70,7 @@ def test_retention_keeps_newest_complete(tmp_path):
 def test_resolve_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ckpt.resolve(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint and holds no complete one"):
         ckpt.resolve(tmp_path)
 
 
@@ -136,7 +136,7 @@ def test_sigusr1_saves_exits_75_and_resume_matches(tmp_path, shards, minilm_dir)
     marker = out / "checkpoints" / "step_00000005" / ckpt.MARKER
     meta = json.loads(marker.read_text())
     marker.write_text(json.dumps({**meta, "world_size": 2}))
-    with pytest.raises(ValueError, match="saved by 2 ranks with ZeRO stage 2.*export.py.*data.start_sample=20"):
+    with pytest.raises(ValueError, match="saved by 2 ranks with ZeRO stage 2.*biobert export.*data.start_sample=20"):
         main(ef.load_tiny(ef.tiny_run(out, shards, minilm_dir, max_steps=6), ["ds.train_batch_size=4"]))
 
 
