@@ -5,8 +5,8 @@ own schema, so ``ds_configs/*.json`` are complete recipes) < the run config file
 the run config file and in the DeepSpeed config is an error unless they agree: a recipe must not be silently half-used.
 Overrides starting with ``ds.`` edit the DeepSpeed config (``ds.train_micro_batch_size_per_gpu=4``).
 
-Batch sizes belong to the DeepSpeed config (``train_batch_size`` = global, ``train_micro_batch_size_per_gpu``,
-``gradient_accumulation_steps``); :meth:`BatchConfig.grad_accum` checks they agree with the world size.
+Batch sizes belong to the DeepSpeed config (``train_batch_size`` = global, ``train_micro_batch_size_per_gpu`` = the
+largest micro-batch a device takes); :meth:`BatchConfig.derive` fits micro-batch and accumulation to the world size.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class ModelConfig:
     preset: str = "base"  # from scratch only: tiny | base | large
     overrides: dict = field(default_factory=dict)  # BertConfig fields, e.g. {hidden_dropout_prob: 0.0}
     tokenizer: str | None = None  # vocab.txt/tokenizer.json dir; default: the init dir, else the packaged BERT vocab
+    compile: bool = False  # torch.compile the encoder layers (dynamic shapes; the first step pays the compilation)
 
     def __post_init__(self) -> None:
         if self.init is None and self.preset not in PRESETS:
@@ -114,7 +115,9 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    every_steps: int = 1  # console/TensorBoard cadence; metrics.jsonl gets every step
+    # metrics are read from the device (one sync) every this many steps, and before every checkpoint; console and
+    # TensorBoard follow it; metrics.jsonl still gets every step
+    every_steps: int = 10
     progress_bar: bool = True
     tensorboard: bool = True
     peak_tflops: float | None = None  # device peak for MFU; default: table (GPU) or a matmul probe (CPU)
@@ -142,43 +145,59 @@ class NumericsConfig:
 
 @dataclass
 class BatchConfig:
-    """Global/micro batch from the DeepSpeed config; gradient accumulation derives from the world size."""
+    """Global batch from the DeepSpeed config; the micro-batch there is a maximum (what fits on one device).
+
+    For a world size W: per_rank = global / W (must divide: the only way a run is refused), micro = the largest divisor
+    of per_rank that is <= the maximum, accumulation = per_rank / micro. So a recipe's global batch holds on 1 GPU
+    (192 = 24 x 8 steps) and on 32 (192 = 6 x 1 x 32) alike. gradient_accumulation_steps in the config only matters
+    without a micro-batch (maximum = per_rank / accumulation); without a global batch, global = micro x accum x W.
+    """
 
     global_batch_size: int | None
     micro_batch_size: int | None
     grad_accum_steps: int | None = None
 
-    def grad_accum(self, world_size: int) -> int:
+    def __post_init__(self) -> None:
+        for name in ("global_batch_size", "micro_batch_size", "grad_accum_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"batch: {name} must be a positive integer, got {value!r}")
+
+    def derive(self, world_size: int) -> tuple[int, int]:
+        """-> (micro batch, gradient accumulation steps) for `world_size` ranks."""
         g, m, a = self.global_batch_size, self.micro_batch_size, self.grad_accum_steps
-        if g is None and m is None:
-            raise ValueError("DeepSpeed config sets neither train_batch_size nor train_micro_batch_size_per_gpu")
-        if m is None:
-            a = a or 1
-            m, rem = divmod(g, a * world_size)
-            if rem or m == 0:
-                raise ValueError(f"train_batch_size {g} is not divisible by gradient_accumulation_steps {a} x "
-                                 f"world size {world_size}")
         if g is None:
-            g = m * (a or 1) * world_size
-        if a is None:
-            a, rem = divmod(g, m * world_size)
-            if rem or a == 0:
-                raise ValueError(f"train_batch_size {g} is not a multiple of micro batch {m} x world size {world_size} "
-                                 f"= {m * world_size}: change the batch sizes or the number of ranks")
-        if g != m * a * world_size:
-            raise ValueError(f"train_batch_size {g} != micro batch {m} x gradient_accumulation_steps {a} x world size "
-                             f"{world_size} = {m * a * world_size}: drop one of the three to derive it")
-        return a
+            if m is None:
+                raise ValueError("DeepSpeed config sets neither train_batch_size nor train_micro_batch_size_per_gpu")
+            return m, a or 1
+        if g % world_size:
+            raise ValueError(f"train_batch_size {g} is not divisible by the world size {world_size}: "
+                             f"{_nearest_choices(g, world_size)}")
+        per_rank = g // world_size
+        most = m if m is not None else max(1, per_rank // a) if a is not None else per_rank
+        micro = max(d for d in range(1, min(most, per_rank) + 1) if per_rank % d == 0)
+        return micro, per_rank // micro
+
+    def grad_accum(self, world_size: int) -> int:
+        return self.derive(world_size)[1]
 
     def micro(self, world_size: int) -> int:
-        a = self.grad_accum(world_size)
-        return self.micro_batch_size or self.global_batch_size // (a * world_size)
+        return self.derive(world_size)[0]
 
     def resolved(self, world_size: int) -> dict[str, int]:
         """The three DeepSpeed keys, consistent with world_size (written back into the DeepSpeed config)."""
-        a, m = self.grad_accum(world_size), self.micro(world_size)
+        m, a = self.derive(world_size)
         return dict(train_batch_size=m * a * world_size, train_micro_batch_size_per_gpu=m,
                     gradient_accumulation_steps=a)
+
+
+def _nearest_choices(global_batch: int, world: int) -> str:
+    below, above = global_batch - global_batch % world, global_batch - global_batch % world + world
+    worlds = [w for w in (next((w for w in range(world - 1, 0, -1) if global_batch % w == 0), None),
+                          next((w for w in range(world + 1, global_batch + 1) if global_batch % w == 0), None)) if w]
+    batches = " or ".join(str(b) for b in (below, above) if b > 0)
+    return (f"set ds.train_batch_size={batches.replace(' or ', ' or ds.train_batch_size=')}, or run on "
+            f"{' or '.join(map(str, worlds))} ranks (world sizes that divide {global_batch})")
 
 
 @dataclass
