@@ -37,7 +37,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 from transformers.activations import ACT2FN
 
-from pretraining.attention import Packed, attend, attention_path, pack
+from pretraining import attention as _attention
+from pretraining.attention import Packed, attend, pack
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,8 @@ class BertModel(nn.Module):
 
     def attention_path(self, device: torch.device, dtype: torch.dtype) -> str:
         """The attention implementation a training forward runs with activations of `dtype` on `device`."""
-        return attention_path(device, dtype, self.config.attention_probs_dropout_prob if self.training else 0.0)
+        return _attention.attention_path(device, dtype,
+                                         self.config.attention_probs_dropout_prob if self.training else 0.0)
 
     def compile_layers(self, **options) -> None:
         """torch.compile each encoder layer (one graph for all of them; dynamic: N and max_seqlen vary per batch)."""
