@@ -170,23 +170,24 @@ def _sdpa_padded(qkv: torch.Tensor, packed: Packed, heads: int, dropout_p: float
 
 @torch.library.custom_op("biobert::flash_varlen_dropout_fwd", mutates_args=())
 def _dropout_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                 dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, lse, rng_state, _, _ = torch.ops.aten._flash_attention_forward(
+                 dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # -> (out, logsumexp, rng_state, unused): the last two go to the backward as they came (older torch named them
+    # philox_seed / philox_offset), so the backward replays exactly the forward's dropout mask.
+    out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, False, False)
-    return out, lse, rng_state
+    return out, lse, rng_state, unused
 
 
 @_dropout_fwd.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, dropout_p):
+def _(q, k, v, cu_seqlens, max_seqlen, dropout_p):  # as torch's meta kernel of _flash_attention_forward
     return (torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32),
-            q.new_empty((2,), dtype=torch.uint64))
+            q.new_empty((2,), dtype=torch.uint64), q.new_empty((), dtype=torch.uint64))
 
 
 @torch.library.custom_op("biobert::flash_varlen_dropout_bwd", mutates_args=())
 def _dropout_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, dropout_p: float,
-                 rng_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    unused = torch.empty(0, device=q.device)
+                 rng_state: torch.Tensor, unused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
         grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, False,
         rng_state, unused)
@@ -194,20 +195,21 @@ def _dropout_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 
 
 @_dropout_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, dropout_p, rng_state):
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, dropout_p, rng_state, unused):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _dropout_setup(ctx, inputs, output):
     q, k, v, cu_seqlens, max_seqlen, dropout_p = inputs
-    out, lse, rng_state = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state)
+    out, lse, rng_state, unused = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
     ctx.max_seqlen, ctx.dropout_p = max_seqlen, dropout_p
 
 
-def _dropout_backward(ctx, grad_out, grad_lse, grad_rng):
-    q, k, v, out, lse, cu_seqlens, rng_state = ctx.saved_tensors
-    dq, dk, dv = _dropout_bwd(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, rng_state)
+def _dropout_backward(ctx, grad_out, grad_lse, grad_rng, grad_unused):
+    q, k, v, out, lse, cu_seqlens, rng_state, unused = ctx.saved_tensors
+    dq, dk, dv = _dropout_bwd(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, rng_state,
+                              unused)
     return dq, dk, dv, None, None, None
 
 

@@ -228,3 +228,19 @@ def test_model_compile_layers_equals_eager():
         eager.zero_grad()
         compiled.zero_grad()
     torch._dynamo.reset()
+
+
+def test_dropout_flash_path_glue_traces_with_fake_tensors(monkeypatch):
+    """The CUDA-only flash_varlen_dropout path (custom ops over aten._flash_attention_forward/_backward) run on fake
+    tensors: shapes, the autograd wiring (rng state saved for the backward) and the views into [N, 3, heads, hd]."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(attention, "attention_path", lambda device, dtype, p: "flash_varlen_dropout")
+    batch = make_batch()
+    packed = packed_of(batch)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        qkv = torch.randn(packed.tokens, 3 * 32, dtype=torch.bfloat16, requires_grad=True)
+        out = attention.attend(qkv, packed, heads=4, dropout_p=0.1)
+        assert out.shape == (packed.tokens, 32) and out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert qkv.grad.shape == qkv.shape
