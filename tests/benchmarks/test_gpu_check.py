@@ -79,3 +79,42 @@ def test_synthetic_batch_is_a_valid_pretraining_batch():
     assert (b["input_ids"][b["attention_mask"] == 0] == 0).all()
     full = gn.synthetic_batch(gn.tiny_config(), 2, 32, "cpu", padded=False)
     assert bool(full["attention_mask"].all())
+
+
+def _reference_dropout_attention(q, k, v, cu, max_seqlen, p):
+    """flash_varlen_dropout's contract on CPU: per-sequence SDPA with dropout (torch's RNG: replayable by seed)."""
+    b = cu.tolist()
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(x[s:e].transpose(0, 1).float() for x in (q, k, v)), dropout_p=p).transpose(0, 1).to(q.dtype)
+        for s, e in zip(b[:-1], b[1:])])
+
+
+class _WrongMaskBackward(torch.autograd.Function):
+    """Forward with one dropout mask, backward through a freshly drawn one: the bug the dropout check exists for."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_seqlen, p):
+        ctx.save_for_backward(q, k, v, cu)
+        ctx.p = p
+        return _reference_dropout_attention(q, k, v, cu, max_seqlen, p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, cu = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+            out = _reference_dropout_attention(*leaves, cu, 0, ctx.p)
+            return (*torch.autograd.grad(out, leaves, grad), None, None, None)
+
+
+@pytest.mark.parametrize("kernel,should_pass", [("correct", True), ("wrong_mask", False)])
+def test_dropout_check_catches_a_backward_with_another_mask(monkeypatch, kernel, should_pass):
+    """The flash-dropout check's logic, on CPU with a reference kernel: it passes a correct one and fails one whose
+    backward draws a different mask than its forward."""
+    from pretraining import attention
+
+    fn = _reference_dropout_attention if kernel == "correct" else _WrongMaskBackward.apply
+    monkeypatch.setattr(attention, "flash_varlen_dropout", fn)
+    result = gn.check_flash_dropout(torch.device("cpu"))
+    assert result["replay_identical"] and result["other_seed_differs"]
+    assert result["passed"] is should_pass, result
