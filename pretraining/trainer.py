@@ -56,19 +56,27 @@ def _loss_scale(optimizer) -> float | None:
 
 
 def _host_group():
-    """A gloo group for the per-step flags when the default backend is not gloo: its all-reduce runs on the CPU, so
-    it neither waits for the CUDA stream nor makes the host wait for it."""
+    """(group, device) for the per-step flags: a gloo group on the CPU when the default backend is not gloo, so the
+    all-reduce neither waits for the CUDA stream nor makes the host wait for it. If gloo cannot connect (set
+    GLOO_SOCKET_IFNAME to the interface NCCL uses), the default group carries them: correct, one sync per step."""
     if dist.world_size() == 1:
-        return None
+        return None, None
     if torch.distributed.get_backend() == "gloo":
-        return torch.distributed.group.WORLD
-    return torch.distributed.new_group(backend="gloo")
+        return torch.distributed.group.WORLD, torch.device("cpu")
+    try:
+        return torch.distributed.new_group(backend="gloo"), torch.device("cpu")
+    except Exception as e:  # noqa: BLE001 - any failure to build the side group: fall back, loudly
+        log.warning("no gloo group for the per-step flags (%s: %s); using the default group (a host sync per step)",
+                    type(e).__name__, e)
+        return None, dist.device()
 
 
 def _host_all_reduce(values: list[float], group) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if group is not None:
-        torch.distributed.all_reduce(t, group=group)
+    group, device = group
+    if device is None:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, group=group)
     return t.tolist()
 
 
