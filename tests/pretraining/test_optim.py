@@ -187,11 +187,11 @@ def test_clipping_and_fp16_loss_scaling_in_the_step():
     assert c.loss_scaler.scale == 2.0**9 and c.state_dict()["state"][0]["step"] == 4
 
 
-def test_loss_scaler_follows_deepspeed_rules():
+def test_loss_scaler_follows_deepspeed_rules(monkeypatch):
     """Same decisions as DeepSpeed's DynamicLossScaler over an overflow pattern (window 3, hysteresis 2)."""
     from deepspeed.runtime.fp16 import loss_scaler as ds_scaler
 
-    ds_scaler.dist.get_rank = lambda: 1  # its logging asks for the rank; no process group here
+    monkeypatch.setattr(ds_scaler.dist, "get_rank", lambda *a, **k: 1)  # its logging asks; no process group here
     ours = optim.DynamicLossScaler(init_scale=2.0**8, scale_window=3, min_scale=1, hysteresis=2)
     ref = ds_scaler.DynamicLossScaler(init_scale=2.0**8, scale_window=3, min_scale=1, delayed_shift=2,
                                       consecutive_hysteresis=False)
