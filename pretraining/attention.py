@@ -125,18 +125,45 @@ def _flash_capable(device: torch.device) -> bool:
 
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}
+_WORKS: dict[tuple[int, bool], bool] = {}  # (device index, dropout) -> the flash op ran forward and backward
 
 
 def _capability(index: int) -> tuple[int, int]:
-    if index not in _CAPABILITY:  # a plain dict, not lru_cache: torch.compile traces through it without a break
+    if index not in _CAPABILITY:  # plain dicts, not lru_cache: torch.compile traces through them without a break
         _CAPABILITY[index] = torch.cuda.get_device_capability(index)
     return _CAPABILITY[index]
+
+
+def _flash_works(device: torch.device, dropout: bool) -> bool:
+    """Run the flash op once, forward and backward, on a tiny input (at the first eager call; the trainer asks before
+    its first step). A failure falls back to the SDPA path with a warning instead of stopping the run."""
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    key = (index, dropout)
+    if key not in _WORKS:
+        if torch.compiler.is_compiling():  # never probe while tracing: the eager call before compilation did
+            return True
+        try:
+            cuda = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):  # the probe leaves the run's random streams as they were
+                q, k, v = (torch.randn(16, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(3))
+                cu = torch.tensor([0, 7, 16], dtype=torch.int32, device=device)
+                out = flash_varlen_dropout(q, k, v, cu, 9, 0.1) if dropout else VARLEN_KERNEL(q, k, v, cu, cu, 9, 9)
+                out.float().sum().backward()
+                if cuda:
+                    torch.cuda.synchronize(device)  # an asynchronous kernel error surfaces here, not mid-training
+            _WORKS[key] = True
+        except Exception as e:  # noqa: BLE001 - any kernel/launch error: the fallback computes the same thing
+            log.warning("flash varlen attention%s failed on %s (%s: %s); using the padded SDPA path",
+                        " with dropout" if dropout else "", device, type(e).__name__, e)
+            _WORKS[key] = False
+    return _WORKS[key]
 
 
 def attention_path(device: torch.device, dtype: torch.dtype, dropout_p: float) -> str:
     """Which implementation runs for these static facts (see the module docstring)."""
     if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and VARLEN_KERNEL is not None
-            and _flash_capable(device)):
+            and _flash_capable(device) and _flash_works(device, dropout_p > 0)):
         return "flash_varlen" if dropout_p == 0 else "flash_varlen_dropout"
     return "sdpa_padded"
 

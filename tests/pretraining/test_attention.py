@@ -244,3 +244,22 @@ def test_dropout_flash_path_glue_traces_with_fake_tensors(monkeypatch):
         assert out.shape == (packed.tokens, 32) and out.dtype == torch.bfloat16
         out.float().sum().backward()
         assert qkv.grad.shape == qkv.shape
+
+
+def test_a_flash_kernel_that_fails_falls_back_with_a_warning(monkeypatch, caplog):
+    """The first eager call runs the kernel once; a failure is remembered, warned about, and leaves the RNG alone."""
+    def broken(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(attention, "_WORKS", {})
+    monkeypatch.setattr(attention, "VARLEN_KERNEL", lambda q, k, v, cq, ck, mq, mk: reference_varlen(q, k, v, cq, ck,
+                                                                                                     mq, mk))
+    state = torch.get_rng_state()
+    assert attention._flash_works(torch.device("cpu"), dropout=False) is True
+    assert torch.equal(torch.get_rng_state(), state)
+    monkeypatch.setattr(attention, "_WORKS", {})
+    monkeypatch.setattr(attention, "VARLEN_KERNEL", broken)
+    with caplog.at_level("WARNING"):
+        assert attention._flash_works(torch.device("cpu"), dropout=False) is False
+    assert "using the padded SDPA path" in caplog.text and "no kernel image" in caplog.text
+    assert attention._WORKS == {(None, False): False}
