@@ -107,3 +107,19 @@ def test_fp16_overflow_skips_through_the_engine(tmp_path):
         else:
             assert changed and not optimizer.overflow and plan.loss_scaler.scale == scale
     assert engine.skipped_steps == 1
+
+
+def test_zero0_bf16_lamb_resume_is_exact(tmp_path):
+    """Our optimizer's state (per-tensor step counts, moments) goes through DeepSpeed's ZeRO-0 checkpoint: 2 steps,
+    resume, 2 more == 4 straight, loss for loss and weight for weight."""
+    from pretraining import trainer
+
+    straight = trainer.main(zero0_cfg(tmp_path / "a", "bf16", max_steps=4))
+    first = zero0_cfg(tmp_path / "b", "bf16", max_steps=4)
+    first.max_steps = 2
+    first.checkpoint.every_steps = 2
+    trainer.main(first)
+    resumed = trainer.main(zero0_cfg(tmp_path / "b", "bf16", max_steps=4))
+    assert resumed["resumed_from"] is not None and resumed["step"] == 4
+    assert ef.step_losses(tmp_path / "b" / "run") == dict(enumerate(straight["losses"], 1))
+    ef.assert_same_weights(ef.weights(straight["engine"]), ef.weights(resumed["engine"]))
