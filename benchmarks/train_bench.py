@@ -73,9 +73,10 @@ class TrainBenchConfig:
         ds = {"train_micro_batch_size_per_gpu": self.micro_batch, "gradient_accumulation_steps": self.grad_accum,
               "train_batch_size": self.micro_batch * self.grad_accum * world_size, "gradient_clipping": 1.0,
               "steps_per_print": 10**9, "wall_clock_breakdown": False, "zero_allow_untested_optimizer": True,
+              "timers": {"throughput": {"enabled": False}},  # as the recipes: its timer synchronizes every step
               "zero_optimization": {"stage": self.zero_stage}}
         if self.precision == "bf16":
-            ds["bf16"] = {"enabled": True}
+            ds.update(bf16={"enabled": True}, communication_data_type="fp32")
         elif self.precision == "fp16":
             ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
         return ds
