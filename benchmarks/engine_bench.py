@@ -4,9 +4,11 @@
     deepspeed --num_gpus 1 --module benchmarks.engine_bench --deepspeed_config ds_configs/bert_base_seq512_lamb_bf16.json \\
         --model base --seq-len 512 [--shards DIR]
 
-Both models get the same weights, optimizer, DeepSpeed config (precision, ZeRO, accumulation) and the same samples.
-Ours receives them as the loader yields them (it drops padding itself); the baseline gets what a plain HF script feeds
-BERT: every sequence padded to --seq-len, labels as a [B, T] tensor with -100 off the masked positions. Samples come
+Both models get the same weights, optimizer class, DeepSpeed config (precision, ZeRO, accumulation) and the same
+samples. Ours runs as the trainer runs it (pretraining.optim.plan_precision: at ZeRO 0 fp32 master weights under
+autocast with our multi-tensor step; batches packed by the loader thread); the baseline gets the DeepSpeed config as
+written and what a plain HF script feeds BERT: every sequence padded to --seq-len, labels as a [B, T] tensor with -100
+off the masked positions. --compile adds "ours_compiled" (model.compile: torch.compile of the encoder layers). Samples come
 from --shards (real data_prep shards) or from synthetic shards with variable lengths: 10% uniform in [8, L] (BERT's
 short_seq_prob) and the rest uniform in [L*min_fill, L] (default 0.25: PubMed abstracts rarely fill 512 tokens).
 Reported per model: samples/s, tokens/s (non-padding), TFLOPS and MFU (useful model FLOPs at each sequence's real
@@ -16,6 +18,7 @@ length, pretraining.metrics), then the speed-up ratio. Runs on one process (worl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -27,8 +30,9 @@ import torch
 from biobert.files import atomic_write_json
 
 
-def synthetic_shards(out_dir: Path, seq_len: int, vocab_size: int, samples: int, min_fill: float, seed: int) -> Path:
-    """Dynamic-masking shards whose lengths follow the distribution in the module docstring."""
+def synthetic_shards(out_dir: Path, seq_len: int, vocab_size: int, samples: int, min_fill: float, seed: int,
+                     lengths: np.ndarray | None = None) -> Path:
+    """Dynamic-masking shards whose lengths follow the distribution in the module docstring (or are `lengths`)."""
     import h5py
 
     from benchmarks import synthetic as syn
@@ -40,9 +44,11 @@ def synthetic_shards(out_dir: Path, seq_len: int, vocab_size: int, samples: int,
     path = next(out_dir.glob("*.hdf5"))
     with h5py.File(path, "r+") as f:  # re-cut lengths: pad out everything past each sample's new length
         ids, seg = f["input_ids"][()], f["segment_ids"][()]
-        lengths = rng.integers(int(seq_len * min_fill), seq_len + 1, size=len(ids))
-        short = rng.random(len(ids)) < 0.1
-        lengths[short] = rng.integers(8, seq_len + 1, size=int(short.sum()))
+        if lengths is None:
+            lengths = rng.integers(int(seq_len * min_fill), seq_len + 1, size=len(ids))
+            short = rng.random(len(ids)) < 0.1
+            lengths[short] = rng.integers(8, seq_len + 1, size=int(short.sum()))
+        lengths = np.clip(np.asarray(lengths, dtype=np.int64)[:len(ids)], 2, seq_len)
         pos = np.arange(seq_len)[None, :]
         real = pos < lengths[:, None]
         ids[~real] = 0
@@ -82,23 +88,61 @@ def hf_twin(ours) -> torch.nn.Module:
     return hf.train()
 
 
-def measure(engine, batches: list[dict], config, steps: int, warmup: int, accum: int, convert, device) -> dict:
-    from pretraining.metrics import batch_flops
+ENGINES = ("ours", "ours_compiled", "hf_baseline")
 
-    def one_step(group):
-        for b in group:
-            out = engine(**{k: v.to(device) for k, v in convert(b).items()})
+
+def build_engine(name: str, model, ds_config: dict, opt: dict, device):
+    """-> (engine, step(batch) -> None, description). ``opt``: name, lr and optionally betas/eps/weight_decay.
+
+    ours / ours_compiled: as the trainer runs it (plan_precision, packed batches, our step); hf_baseline: the DeepSpeed
+    config as written (DeepSpeed wraps the same optimizer class as that config says), padded HF inputs."""
+    import deepspeed
+
+    from pretraining.optim import build_optimizer, plan_precision
+
+    hp = dict(lr=opt["lr"], betas=tuple(opt.get("betas", (0.9, 0.999))), eps=opt.get("eps", 1e-6),
+              weight_decay=opt.get("weight_decay", 0.01), device_type=device.type)
+    if name == "hf_baseline":
+        optimizer = build_optimizer(model, opt["name"], **hp)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=dict(ds_config))
+
+        def step(batch):
+            out = engine(**{k: v.to(device, non_blocking=True) for k, v in hf_inputs(batch).items()})
             engine.backward(out["loss"])
             engine.step()
 
+        return engine, step, f"{type(engine.optimizer).__name__}({type(optimizer).__name__}), padded, HF attention"
+    plan = plan_precision(ds_config)
+    optimizer = build_optimizer(model, opt["name"], **hp, plan=plan)
+    if name == "ours_compiled":
+        model.bert.compile_layers()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=plan.ds_config)
+    dtype = plan.autocast_dtype or next(model.parameters()).dtype
+
+    def step(batch):
+        with plan.autocast(device.type):
+            out = engine(packed=batch["packed"].to(device, non_blocking=True))
+        engine.backward(plan.scale_loss(out["loss"]))
+        engine.step()
+
+    return engine, step, (f"{optimizer.implementation}, {plan.describe()}, attention "
+                          f"{model.bert.attention_path(device, dtype)}")
+
+
+def measure(step, batches: list[dict], config, steps: int, warmup: int, accum: int, device) -> dict:
+    """Time `steps` optimizer steps after `warmup` ones; the device is synchronized only at the two ends."""
+    from pretraining.metrics import batch_flops
+
     groups = [batches[i * accum:(i + 1) * accum] for i in range(warmup + steps)]
     for g in groups[:warmup]:
-        one_step(g)
+        for b in g:
+            step(b)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for g in groups[warmup:]:
-        one_step(g)
+        for b in g:
+            step(b)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -110,7 +154,6 @@ def measure(engine, batches: list[dict], config, steps: int, warmup: int, accum:
 
 
 def main(args: argparse.Namespace) -> dict:
-    import deepspeed
     from transformers import BertConfig
 
     from biobert import dist
@@ -119,7 +162,6 @@ def main(args: argparse.Namespace) -> dict:
     from pretraining.data import PretrainingLoader
     from pretraining.metrics import device_name, peak_tflops
     from pretraining.model import BertForPreTraining, load_pretrained
-    from pretraining.optim import build_optimizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,7 +171,8 @@ def main(args: argparse.Namespace) -> dict:
                  ("batch.grad_accum_steps", None)] if args.micro_batch else []
     run = load_config({"output_dir": "-", "max_steps": 1, "data": {"shard_dir": "-"}}, args.deepspeed_config,
                       overrides)
-    accum, micro, precision, opt = run.grad_accum(1), run.batch.micro(1), run.precision, run.optimizer
+    accum, micro, precision = run.grad_accum(1), run.batch.micro(1), run.precision
+    opt = dataclasses.asdict(run.optimizer)
     device = dist.device()
 
     torch.manual_seed(args.seed)
@@ -142,32 +185,36 @@ def main(args: argparse.Namespace) -> dict:
         config = ours.config
     ours.train()
     hf = hf_twin(ours)
+    compiled = None
+    if args.compile:
+        compiled = BertForPreTraining(config).train()
+        compiled.load_state_dict(ours.state_dict())
 
     n_batches = (args.steps + args.warmup) * accum
     with tempfile.TemporaryDirectory() as tmp:
         shard_dir = Path(args.shards) if args.shards else synthetic_shards(
             Path(tmp) / "shards", args.seq_len, config.vocab_size, n_batches * micro, args.min_fill, args.seed)
         loader = PretrainingLoader(shard_dir, micro_batch_size=micro, grad_accum_steps=accum, rank=0, world_size=1,
-                                   seed=args.seed, vocab_size=config.vocab_size)
+                                   seed=args.seed, vocab_size=config.vocab_size, pack=True)
         it = iter(loader)
         batches = [next(it) for _ in range(n_batches)]
         loader.close()
     for b in batches:
         b.pop("sample_ids")
     peak, peak_source = peak_tflops(device_name(), precision, args.peak_tflops)
+    ds = run.deepspeed_dict(1, config.hidden_size)
 
     results = {}
-    for name, model, convert in (("ours", ours, lambda b: b), ("hf_baseline", hf, hf_inputs)):
-        if args.only and name != args.only:
+    for name, model in (("ours", ours), ("ours_compiled", compiled), ("hf_baseline", hf)):
+        if model is None or (args.only and name != args.only):
             continue
-        optimizer = build_optimizer(model, opt.name, opt.lr, opt.betas, opt.eps, opt.weight_decay,
-                                    device_type=device.type)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                          config=run.deepspeed_dict(1, config.hidden_size))
-        r = measure(engine, batches, config, args.steps, args.warmup, accum, convert, device)
+        model.to(device)
+        engine, step, how = build_engine(name, model, ds, opt, device)
+        r = measure(step, batches, config, args.steps, args.warmup, accum, device)
         r["mfu"] = r["tflops"] / peak if peak == peak else None
+        r["engine"] = how
         results[name] = r
-        del engine, optimizer
+        del engine, step
     seq = batches[0]["input_ids"].shape[1]
     fill = float(np.mean([float(b["attention_mask"].float().mean()) for b in batches]))
     report = dict(device=device_name(), precision=precision, model=args.model, seq_len=seq, micro_batch=micro,
@@ -175,14 +222,18 @@ def main(args: argparse.Namespace) -> dict:
                   data=str(args.shards or f"synthetic (min_fill {args.min_fill})"), torch_threads=torch.get_num_threads())
     if "ours" in results and "hf_baseline" in results:
         report["speedup"] = results["ours"]["samples_per_s"] / results["hf_baseline"]["samples_per_s"]
+    if "ours_compiled" in results and "hf_baseline" in results:
+        report["speedup_compiled"] = results["ours_compiled"]["samples_per_s"] / results["hf_baseline"]["samples_per_s"]
     print(f"device {report['device']} | {precision} | model {args.model} | seq {seq} | micro {micro} x accum {accum} | "
           f"non-padding fill {fill:.2f} | peak {peak:.3g} TFLOPS ({peak_source})")
     for name, r in results.items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"  {name:12s} {r['samples_per_s']:9.2f} samples/s {r['tokens_per_s']:11.0f} tokens/s "
-              f"{r['tflops']:8.4f} TFLOPS  MFU {mfu}")
+        print(f"  {name:13s} {r['samples_per_s']:9.2f} samples/s {r['tokens_per_s']:11.0f} tokens/s "
+              f"{r['tflops']:8.4f} TFLOPS  MFU {mfu}  [{r['engine']}]")
     if "speedup" in report:
         print(f"  speed-up (ours / HF baseline, samples/s): {report['speedup']:.2f}x")
+    if "speedup_compiled" in report:
+        print(f"  speed-up (ours_compiled / HF baseline, samples/s): {report['speedup_compiled']:.2f}x")
     if args.json:
         atomic_write_json(args.json, report)
     return report
@@ -202,7 +253,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--only", choices=("ours", "hf_baseline"), default=None)
+    p.add_argument("--only", choices=ENGINES, default=None)
+    p.add_argument("--compile", action="store_true", help="also measure ours_compiled (model.compile: true)")
     p.add_argument("--json", default=None, help="also write the report here")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)

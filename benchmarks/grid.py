@@ -101,10 +101,13 @@ class SuiteConfig:
             combos = [("minilm", s, m, 0, "fp32") for s in self.seq_lens for m in ((4, 8, 16) if s == 128 else (2, 4, 8))]
             combos += [("minilm", 128, 16, z, p) for z in (0, 1, 2, 3) for p in ("fp32", "bf16") if (z, p) != (0, "fp32")]
             combos += [("base", 128, 8, 0, "fp32"), ("base", 512, 2, 0, "fp32")]
-        return [TrainBenchConfig(model=m, seq_len=s, micro_batch=mb, zero_stage=z, precision=p,
-                                 steps=self.train_steps, warmup=self.train_warmup, threads=self.threads,
-                                 shards=str(real_shards[(s, "static")]) if (s, "static") in real_shards else None)
-                for m, s, mb, z, p in combos]
+        cases = [TrainBenchConfig(model=m, seq_len=s, micro_batch=mb, zero_stage=z, precision=p,
+                                  steps=self.train_steps, warmup=self.train_warmup, threads=self.threads,
+                                  shards=str(real_shards[(s, "static")]) if (s, "static") in real_shards else None)
+                 for m, s, mb, z, p in combos]
+        if cases:  # model.compile measured once (CPU inductor compiles take a minute), on the first case
+            cases[0].engines = ["ours", "ours_compiled", "hf_baseline"]
+        return cases
 
     def scaling_case(self, real_shards: dict):
         from benchmarks.train_bench import TrainBenchConfig

@@ -123,6 +123,12 @@ def _train_rows(rep: dict, case_extra: str = "") -> list[dict]:
         r["ratio"] = hf[k] / ours[k] if ours[k] else None
         r["lower_is_better"] = True
         rows.append(r)
+    if "ours_compiled" in rep["results"]:  # model.compile: true, same batches
+        comp = rep["results"]["ours_compiled"]
+        rows.append(row("train", case + " [model.compile]", "samples/s", "samples/s", comp["samples_per_s"],
+                        hf["samples_per_s"], base, compiled=True, **params))
+        rows.append(row("train", case + " [model.compile vs eager]", "samples/s", "samples/s", comp["samples_per_s"],
+                        ours["samples_per_s"], "ours, eager", compiled=True, **params))
     for r in rows:
         r.update(peak_tflops_per_device=rep["peak_tflops_per_device"], peak_source=rep["peak_source"])
     return rows

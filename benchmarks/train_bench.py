@@ -7,8 +7,11 @@ Differs from benchmarks/engine_bench.py (one process, batches preloaded) in what
 from the real PretrainingLoader while the clock runs (so data wait is measured, as a fraction of step time), each rank
 reads its own share, figures are summed over ranks (samples) and taken at the slowest rank (time), and peak memory is
 recorded per engine (CUDA: max_memory_allocated; CPU: peak RSS sampled by a psutil thread). Both engines read the same
-samples in the same order. The HF baseline gets what a plain HF script feeds BERT: padded to the shard's seq_len, labels
-as a [B, T] tensor (benchmarks.engine_bench.hf_inputs), converted inside the timed data phase.
+samples in the same order. Ours runs as the trainer does (benchmarks.engine_bench.build_engine: plan_precision, packed
+batches from the loader thread); "ours_compiled" adds model.compile (torch.compile of the encoder layers). The HF
+baseline gets the DeepSpeed config as written and what a plain HF script feeds BERT: padded to the shard's seq_len,
+labels as a [B, T] tensor (benchmarks.engine_bench.hf_inputs), converted inside the timed loop. The device is
+synchronized only at the ends of the timed window (a per-step sync would idle the GPU while the host queues work).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from biobert.files import atomic_write_json
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-ENGINES = ("ours", "hf_baseline")
+ENGINES = ("ours", "ours_compiled", "hf_baseline")
+DEFAULT_ENGINES = ("ours", "hf_baseline")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -40,6 +44,7 @@ class TrainBenchConfig:
     model: str = "minilm"  # tiny|base|large (random init, 30522 vocab) or an HF BERT dir / "minilm" (weights loaded)
     seq_len: int = 128  # synthetic shards only (real shards carry their own)
     micro_batch: int = 8
+    grad_accum: int = 1  # micro-batches per optimizer step (steps/warmup count optimizer steps)
     zero_stage: int = 0
     precision: str = "fp32"
     optimizer: str = "adamw"  # lamb is refused by our engine under ZeRO partitioning; adamw runs everywhere
@@ -51,25 +56,26 @@ class TrainBenchConfig:
     threads: int | None = None  # torch CPU threads per rank (None: torch's default)
     seed: int = 0
     peak_tflops: float | None = None
-    engines: list[str] = field(default_factory=lambda: list(ENGINES))
+    engines: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINES))
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} not in {PRECISIONS}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0..3, got {self.zero_stage}")
-        if self.micro_batch < 1 or self.steps < 1 or self.warmup < 0:
-            raise ValueError("micro_batch and steps must be >= 1, warmup >= 0")
+        if self.micro_batch < 1 or self.steps < 1 or self.warmup < 0 or self.grad_accum < 1:
+            raise ValueError("micro_batch, grad_accum and steps must be >= 1, warmup >= 0")
         if not set(self.engines) <= set(ENGINES) or not self.engines:
             raise ValueError(f"engines must be a non-empty subset of {ENGINES}, got {self.engines}")
 
     def ds_config(self, world_size: int) -> dict:
-        ds = {"train_micro_batch_size_per_gpu": self.micro_batch, "gradient_accumulation_steps": 1,
-              "train_batch_size": self.micro_batch * world_size, "gradient_clipping": 1.0,
+        ds = {"train_micro_batch_size_per_gpu": self.micro_batch, "gradient_accumulation_steps": self.grad_accum,
+              "train_batch_size": self.micro_batch * self.grad_accum * world_size, "gradient_clipping": 1.0,
               "steps_per_print": 10**9, "wall_clock_breakdown": False, "zero_allow_untested_optimizer": True,
+              "timers": {"throughput": {"enabled": False}},  # as the recipes: its timer synchronizes every step
               "zero_optimization": {"stage": self.zero_stage}}
         if self.precision == "bf16":
-            ds["bf16"] = {"enabled": True}
+            ds.update(bf16={"enabled": True}, communication_data_type="fp32")
         elif self.precision == "fp16":
             ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
         return ds
@@ -123,29 +129,26 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_engine(engine, loader, convert, config, device, steps: int, warmup: int) -> dict:
-    """Per-rank totals over the timed steps: samples, tokens, useful FLOPs, step and data-wait seconds."""
+def run_engine(step, loader, config, device, steps: int, warmup: int) -> dict:
+    """Per-rank totals over the timed steps: samples, tokens, useful FLOPs, seconds, data-wait seconds."""
     from pretraining.metrics import batch_flops
 
     it = iter(loader)
     tot = dict(samples=0, tokens=0, flops=0.0, seconds=0.0, data_wait=0.0)
-    for step in range(warmup + steps):
-        _sync(device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            t_start = time.perf_counter()
         t0 = time.perf_counter()
         batch = next(it)
-        inputs = {k: v.to(device, non_blocking=True) for k, v in convert(batch).items()}
-        t1 = time.perf_counter()
-        out = engine(**inputs)
-        engine.backward(out["loss"])
-        engine.step()
-        _sync(device)
-        t2 = time.perf_counter()
-        if step >= warmup:
+        if i >= warmup:
+            tot["data_wait"] += time.perf_counter() - t0
             tot["samples"] += len(batch["input_ids"])
             tot["tokens"] += int(batch["attention_mask"].sum())
             tot["flops"] += batch_flops(config, batch["attention_mask"], batch.get("masked_lm_positions"))
-            tot["seconds"] += t2 - t0
-            tot["data_wait"] += t1 - t0
+        step(batch)
+    _sync(device)
+    tot["seconds"] = time.perf_counter() - t_start
     return tot
 
 
@@ -199,14 +202,13 @@ def build_models(cfg: TrainBenchConfig):
 
 
 def main(cfg: TrainBenchConfig) -> dict:
-    import deepspeed
     import torch.distributed as tdist
 
-    from benchmarks.engine_bench import hf_inputs, synthetic_shards
+    from benchmarks.engine_bench import build_engine, synthetic_shards
     from biobert import dist
     from pretraining.data import PretrainingLoader
     from pretraining.metrics import device_name, peak_tflops
-    from pretraining.optim import build_optimizer
+    from pretraining.model import BertForPreTraining
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -222,29 +224,35 @@ def main(cfg: TrainBenchConfig) -> dict:
         if cfg.shards:
             shard_dir = Path(cfg.shards)
         else:  # every rank writes the same (seeded) shards into its own temp dir: no file sharing between ranks
-            n = (cfg.warmup + cfg.steps) * cfg.micro_batch * world
+            n = (cfg.warmup + cfg.steps) * cfg.grad_accum * cfg.micro_batch * world
             shard_dir = synthetic_shards(Path(tmp) / "shards", cfg.seq_len, config.vocab_size, max(n, 64),
                                          cfg.min_fill, cfg.seed)
-        for name, model, convert in (("ours", ours, lambda b: b), ("hf_baseline", hf, hf_inputs)):
+        models = {"ours": ours, "hf_baseline": hf}
+        if "ours_compiled" in cfg.engines:  # its own copy: compiling wraps the layers in place
+            models["ours_compiled"] = BertForPreTraining(config).train()
+            models["ours_compiled"].load_state_dict(ours.state_dict())
+        for name in ENGINES:
             if name not in cfg.engines:
                 continue
+            model = models[name]
             _release_memory()  # so the previous engine's freed memory does not count toward this one's peak RSS
             model.to(device)
-            optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, device_type=device.type)
-            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg.ds_config(world))
-            loader = PretrainingLoader(shard_dir, micro_batch_size=cfg.micro_batch, grad_accum_steps=1, rank=rank,
-                                       world_size=world, seed=cfg.seed, vocab_size=config.vocab_size)
+            engine, step, how = build_engine(name, model, cfg.ds_config(world), dict(name=cfg.optimizer, lr=cfg.lr),
+                                             device)
+            loader = PretrainingLoader(shard_dir, micro_batch_size=cfg.micro_batch, grad_accum_steps=cfg.grad_accum,
+                                       rank=rank,
+                                       world_size=world, seed=cfg.seed, vocab_size=config.vocab_size,
+                                       pack=name != "hf_baseline", pin_memory=True)
             try:
                 with PeakMemory(device) as mem:
-                    tot = run_engine(engine, loader, lambda b, c=convert: c({k: v for k, v in b.items()
-                                                                            if k != "sample_ids"}),
-                                     config, device, cfg.steps, cfg.warmup)
+                    tot = run_engine(step, loader, config, device, cfg.steps * cfg.grad_accum,
+                                     cfg.warmup * cfg.grad_accum)
             finally:
                 loader.close()
             tot["peak_memory_bytes"] = mem.peak
-            results[name] = figures(_reduce(tot, device), peak, world)
+            results[name] = {**figures(_reduce(tot, device), peak, world), "engine": how}
             model.zero_grad(set_to_none=True)
-            del engine, optimizer
+            del engine, step
         seq_len = int(json.loads((shard_dir / "manifest.json").read_text())["seq_len"])
     first = next(iter(results.values()))
     report = dict(config=asdict(cfg), world_size=world, device=device_name(), precision=cfg.precision,
@@ -252,8 +260,10 @@ def main(cfg: TrainBenchConfig) -> dict:
                   params=sum(p.numel() for p in hf.parameters()), fill=first["tokens"] / (first["samples"] * seq_len),
                   peak_tflops_per_device=peak, peak_source=peak_source, torch_threads=torch.get_num_threads(),
                   data=str(cfg.shards) if cfg.shards else f"synthetic (min_fill {cfg.min_fill})", results=results)
-    if len(results) == 2:
+    if "ours" in results and "hf_baseline" in results:
         report["speedup"] = results["ours"]["samples_per_s"] / results["hf_baseline"]["samples_per_s"]
+    if "ours_compiled" in results and "hf_baseline" in results:
+        report["speedup_compiled"] = results["ours_compiled"]["samples_per_s"] / results["hf_baseline"]["samples_per_s"]
     return report
 
 
@@ -263,6 +273,7 @@ def parse_args(argv=None) -> tuple[TrainBenchConfig, str | None]:
     p.add_argument("--model", default=d.model)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--micro-batch", type=int, default=d.micro_batch)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--zero-stage", type=int, default=d.zero_stage)
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
     p.add_argument("--optimizer", default=d.optimizer, choices=("adamw", "lamb"))
@@ -273,11 +284,12 @@ def parse_args(argv=None) -> tuple[TrainBenchConfig, str | None]:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    p.add_argument("--engines", nargs="+", default=list(DEFAULT_ENGINES), choices=ENGINES)
     p.add_argument("--json", default=None, help="rank 0 writes the report here")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    cfg = TrainBenchConfig(a.model, a.seq_len, a.micro_batch, a.zero_stage, a.precision, a.optimizer, steps=a.steps,
+    cfg = TrainBenchConfig(a.model, a.seq_len, a.micro_batch, a.grad_accum, a.zero_stage, a.precision, a.optimizer,
+                           steps=a.steps,
                            warmup=a.warmup, shards=a.shards, min_fill=a.min_fill, threads=a.threads, seed=a.seed,
                            peak_tflops=a.peak_tflops, engines=a.engines)
     return cfg, a.json

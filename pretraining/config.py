@@ -6,6 +6,9 @@ batch, precision, ZeRO, clipping, optimizer, scheduler) < the run config file < 
 config file and in the DeepSpeed JSON is an error unless they agree: a recipe must not be silently half-used. The
 DeepSpeed dict DeepSpeed gets is generated from the typed config (:meth:`RunConfig.deepspeed_dict`). Relative paths in
 a config resolve against the working directory of the command, as every path the user types does.
+
+Batch sizes: the global batch holds at any world size; the recipe's micro-batch is a maximum (what fits on one
+device) and :meth:`BatchConfig.derive` fits micro-batch and accumulation to the world size.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class ModelConfig:
                                                 "pad_vocab_multiple: 8}")
     tokenizer: str | None = option(None, "vocab.txt/tokenizer.json directory (default: the init model's, else the "
                                          "packaged BERT uncased vocab)")
+    compile: bool = option(False, "torch.compile the encoder layers (dynamic shapes; the first step pays the "
+                                   "compilation)")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -138,7 +143,9 @@ class CheckpointConfig:
 class LoggingConfig:
     """What is logged where."""
 
-    every_steps: int = option(1, "console/TensorBoard cadence (metrics.jsonl gets every step)")
+    every_steps: int = option(10, "read the metrics from the device (one sync) every this many steps, and before "
+                                  "every checkpoint; console and TensorBoard follow it (metrics.jsonl still gets "
+                                  "every step)")
     progress_bar: bool = option(True, "a tqdm bar on rank 0")
     tensorboard: bool = option(True, "TensorBoard events in OUTPUT_DIR")
     peak_tflops: float | None = option(None, "device peak for MFU (default: the data-sheet table for GPUs, a matmul "
@@ -167,44 +174,61 @@ class NumericsConfig:
 
 @dataclass(kw_only=True)
 class BatchConfig:
-    """Global batch, micro-batch per rank and gradient accumulation (the DeepSpeed JSON's train_batch_size,
-    train_micro_batch_size_per_gpu, gradient_accumulation_steps): any two, the third derives from the world size."""
+    """Global batch from the DeepSpeed config; the micro-batch there is a maximum (what fits on one device).
+
+    For a world size W: per_rank = global / W (must divide: the only way a run is refused), micro = the largest divisor
+    of per_rank that is <= the maximum, accumulation = per_rank / micro. So a recipe's global batch holds on 1 GPU
+    (192 = 24 x 8 steps) and on 32 (192 = 6 x 1 x 32) alike. gradient_accumulation_steps in the config only matters
+    without a micro-batch (maximum = per_rank / accumulation); without a global batch, global = micro x accum x W.
+    """
 
     global_batch_size: int | None = option(None, "samples per optimizer step, all ranks together")
-    micro_batch_size: int | None = option(None, "samples per forward pass on one rank")
-    grad_accum_steps: int | None = option(None, "micro-batches per optimizer step on one rank")
+    micro_batch_size: int | None = option(None, "the largest micro-batch one rank takes (the one used is the largest "
+                                                "divisor of global / world size that fits)")
+    grad_accum_steps: int | None = option(None, "micro-batches per optimizer step on one rank (only without a "
+                                                "micro-batch size)")
+
+    def __post_init__(self) -> None:
+        for name in ("global_batch_size", "micro_batch_size", "grad_accum_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"batch: {name} must be a positive integer, got {value!r}")
+
+    def derive(self, world_size: int) -> tuple[int, int]:
+        """-> (micro batch, gradient accumulation steps) for `world_size` ranks."""
+        g, m, a = self.global_batch_size, self.micro_batch_size, self.grad_accum_steps
+        if g is None:
+            if m is None:
+                raise ValueError("DeepSpeed config sets neither train_batch_size nor train_micro_batch_size_per_gpu")
+            return m, a or 1
+        if g % world_size:
+            raise ValueError(f"global batch {g} is not divisible by the world size {world_size}: "
+                             f"{_nearest_choices(g, world_size)}")
+        per_rank = g // world_size
+        most = m if m is not None else max(1, per_rank // a) if a is not None else per_rank
+        micro = max(d for d in range(1, min(most, per_rank) + 1) if per_rank % d == 0)
+        return micro, per_rank // micro
 
     def grad_accum(self, world_size: int) -> int:
-        g, m, a = self.global_batch_size, self.micro_batch_size, self.grad_accum_steps
-        if g is None and m is None:
-            raise ValueError("DeepSpeed config sets neither train_batch_size nor train_micro_batch_size_per_gpu")
-        if m is None:
-            a = a or 1
-            m, rem = divmod(g, a * world_size)
-            if rem or m == 0:
-                raise ValueError(f"train_batch_size {g} is not divisible by gradient_accumulation_steps {a} x "
-                                 f"world size {world_size}")
-        if g is None:
-            g = m * (a or 1) * world_size
-        if a is None:
-            a, rem = divmod(g, m * world_size)
-            if rem or a == 0:
-                raise ValueError(f"train_batch_size {g} is not a multiple of micro batch {m} x world size {world_size} "
-                                 f"= {m * world_size}: change the batch sizes or the number of ranks")
-        if g != m * a * world_size:
-            raise ValueError(f"train_batch_size {g} != micro batch {m} x gradient_accumulation_steps {a} x world size "
-                             f"{world_size} = {m * a * world_size}: drop one of the three to derive it")
-        return a
+        return self.derive(world_size)[1]
 
     def micro(self, world_size: int) -> int:
-        a = self.grad_accum(world_size)
-        return self.micro_batch_size or self.global_batch_size // (a * world_size)
+        return self.derive(world_size)[0]
 
     def resolved(self, world_size: int) -> dict[str, int]:
         """The three DeepSpeed keys, consistent with world_size (written back into the DeepSpeed config)."""
-        a, m = self.grad_accum(world_size), self.micro(world_size)
+        m, a = self.derive(world_size)
         return dict(train_batch_size=m * a * world_size, train_micro_batch_size_per_gpu=m,
                     gradient_accumulation_steps=a)
+
+
+def _nearest_choices(global_batch: int, world: int) -> str:
+    below, above = global_batch - global_batch % world, global_batch - global_batch % world + world
+    worlds = [w for w in (next((w for w in range(world - 1, 0, -1) if global_batch % w == 0), None),
+                          next((w for w in range(world + 1, global_batch + 1) if global_batch % w == 0), None)) if w]
+    batches = " or ".join(str(b) for b in (below, above) if b > 0)
+    return (f"set batch.global_batch_size={batches.replace(' or ', ' or batch.global_batch_size=')}, or run on "
+            f"{' or '.join(map(str, worlds))} ranks (world sizes that divide {global_batch})")
 
 
 @dataclass(kw_only=True)

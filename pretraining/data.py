@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from data_prep.contract import Manifest
+from pretraining.attention import pack
 from pretraining.data_shards import ShardProblem, check_vocab, load_manifest, open_shard, schema_problems, verify_shards
 from pretraining.masking import mask_batch, permutation
 
@@ -89,7 +90,12 @@ def rank_schedule(
 
 
 class PretrainingLoader:
-    """Iterate micro-batches (dicts of torch.long tensors) forever; see the module docstring for the order."""
+    """Iterate micro-batches (dicts of torch.long tensors) forever; see the module docstring for the order.
+
+    With ``pack=True`` each batch also carries ``"packed"``: the unpadded layout (pretraining.attention.Packed: real
+    tokens, cu_seqlens, max_seqlen, masked-LM rows) built in the background thread, pinned when ``pin_memory`` and CUDA
+    are on, for a training step that copies it with non_blocking=True and never reads anything back.
+    """
 
     def __init__(
         self,
@@ -110,6 +116,7 @@ class PretrainingLoader:
         skip_bad_shards: bool = False,
         exclude_shards: Iterable[str] = (),
         pin_memory: bool = False,
+        pack: bool = False,
     ):
         if micro_batch_size < 1 or grad_accum_steps < 1 or world_size < 1 or prefetch < 1:
             raise ValueError("micro_batch_size, grad_accum_steps, world_size and prefetch must be >= 1")
@@ -127,7 +134,7 @@ class PretrainingLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.start_sample = start_sample
         self.global_batch_size = micro_batch_size * grad_accum_steps * world_size
-        self.prefetch, self.pin_memory = prefetch, pin_memory
+        self.prefetch, self.pin_memory, self.pack = prefetch, pin_memory, pack
         self.masking = self.manifest.masking
         self.seq_len = self.manifest.seq_len
 
@@ -187,7 +194,7 @@ class PretrainingLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._pipeline is not None:
             raise RuntimeError("PretrainingLoader is iterated once; build a new one (start_sample=...) to restart")
-        self._pipeline = _Pipeline(self._reader, self.prefetch, self.pin_memory)
+        self._pipeline = _Pipeline(self._reader, self.prefetch, self.pin_memory, self.pack)
         weakref.finalize(self, self._pipeline.close)
         return self._batches(self._pipeline)
 
@@ -293,13 +300,14 @@ class _Pipeline:
     """Shard thread -> (1 shard) -> batch thread -> (prefetch micro-batches) -> consumer. Holds no loader reference,
     so the loader can be garbage collected (which closes this)."""
 
-    def __init__(self, reader: _ShardReader, prefetch: int, pin_memory: bool):
+    def __init__(self, reader: _ShardReader, prefetch: int, pin_memory: bool, pack: bool = False):
         self._stop = threading.Event()
         self._in_memory = threading.Semaphore(2)  # shards held: the one being cut into batches + the one read ahead
         self._shards: queue.Queue = queue.Queue(maxsize=1)
         self._batches: queue.Queue = queue.Queue(maxsize=prefetch)
         self._reader, self._dir = reader, reader.shard_dir
         self._micro, self._pin = reader.micro, pin_memory and torch.cuda.is_available()
+        self._pack = pack
         self.threads = [
             threading.Thread(target=self._read_shards, name="loader-shards", daemon=True),
             threading.Thread(target=self._make_batches, name="loader-batches", daemon=True),
@@ -366,12 +374,17 @@ class _Pipeline:
             err.__cause__ = e
             self._put(self._batches, err)
 
-    def _collate(self, parts: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    def _collate(self, parts: list[dict[str, np.ndarray]]) -> dict:
         batch = {}
         for key, out_key in BATCH_KEYS.items():
             arr = parts[0][key] if len(parts) == 1 else np.concatenate([p[key] for p in parts])
-            t = torch.from_numpy(arr.astype(np.int64))
-            batch[out_key] = t.pin_memory() if self._pin else t
+            batch[out_key] = torch.from_numpy(arr.astype(np.int64))
+        if self._pack:  # the unpadded layout, computed here so that the training step never computes an index
+            packed = pack(batch["attention_mask"], batch["input_ids"], batch["token_type_ids"],
+                          batch["masked_lm_positions"], batch["masked_lm_ids"], batch["next_sentence_labels"])
+            batch["packed"] = packed.pin_memory() if self._pin else packed
+        elif self._pin:  # (with a packed layout the padded tensors stay on the host, for metrics and tests)
+            batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch
 
     def get(self):

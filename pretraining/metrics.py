@@ -6,7 +6,10 @@ computes on padding gets no credit for it. Peak per device (dense tensor-core TF
 the table below, matched on the accelerator's name, for the run's precision. On CPU there is no data sheet to match,
 so the peak is ``logging.peak_tflops`` when set, else a quick probe: the best of a few 1024x1024 fp32 matmuls on this
 process's threads (so CPU MFU reads "fraction of what a plain matmul achieves here", not of a marketing figure).
-Only rank 0 writes anything.
+Only rank 0 writes anything. The trainer reads the device once per logging interval, so a step's ``step_time`` is its
+interval's wall time split evenly (the GPU runs ahead of the host in between); the first step is an interval of its
+own (it pays for warm-up and compilation, and the summary leaves it out). The summary record also names what ran:
+``attention`` (flash_varlen | flash_varlen_dropout | sdpa_padded), ``optimizer`` (class[kernel]), ``precision``.
 """
 
 from __future__ import annotations

@@ -1,14 +1,18 @@
 """BERT encoder + pretraining heads, parameter-for-parameter compatible with HuggingFace `BertForPreTraining`.
 
-Why our own module instead of transformers' class: three things HF does not do that matter for pretraining speed.
-  1. Padding costs nothing: tokens are unpadded to [N_real, H] for embeddings, projections, FFN and LayerNorm; only the
-     attention core sees a padded [B, T_max, ...] view, with T_max the longest *real* sequence of the batch.
+Why our own module instead of transformers' class: what HF does not do that matters for pretraining speed.
+  1. Padding costs nothing: the batch arrives packed (pretraining.attention.Packed, built by the loader thread on CPU)
+     and every layer runs on the N real tokens, attention included (flash varlen over cu_seqlens on CUDA; a padded SDPA
+     fallback elsewhere). No index is computed and nothing is read back on the GPU: a step has no host sync.
   2. The MLM head runs only at the masked positions (~15% of tokens) instead of producing [B, T, V] vocab logits.
-  3. Attention is torch SDPA (flash / memory-efficient kernels where the platform has them).
+  3. Q, K and V come from one GEMM over the concatenated weights (the three Parameters stay separate, so HF names,
+     checkpoints and LAMB's per-tensor trust ratios are unchanged).
+  4. `compile_layers()` puts the encoder layers through torch.compile (dynamic shapes: N varies per batch).
 
 Parameter names match HF exactly, so HF checkpoints load and ours are ordinary HF models. Every parameter is used only
-inside the forward of the module that owns it: DeepSpeed ZeRO-3 gathers a module's parameters in a forward pre-hook, so
-touching `module.weight` from elsewhere would read an empty partition.
+inside the forward of the module that owns it or its parent: DeepSpeed ZeRO-3 gathers a module's parameters in a
+forward pre-hook, so the fused QKV GEMM (which reads the query/key/value Linears' weights from their parent) falls back
+to three GEMMs when the parameters are ZeRO-3 partitioned.
 
 Training-only options (read from the BertConfig, stripped from the config.json `save_pretrained` writes):
   pad_vocab_multiple (int, default 1): embedding/decoder rows padded to a multiple (8 for tensor cores); logits and
@@ -32,6 +36,8 @@ from transformers import BertConfig
 from transformers.activations import ACT2FN
 
 from biobert.files import publish_dir, temp_dir_for
+from pretraining import attention as _attention
+from pretraining.attention import Packed, attend, pack
 
 log = logging.getLogger(__name__)
 
@@ -42,44 +48,6 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 def padded_vocab_size(config: BertConfig) -> int:
     multiple = int(getattr(config, "pad_vocab_multiple", 1) or 1)
     return math.ceil(config.vocab_size / multiple) * multiple
-
-
-class Layout:
-    """Where the real tokens of a [B, T] batch live once padding is dropped.
-
-    `index` holds the flat positions (into B*T, T = longest real sequence) of the N real tokens, or None when the batch
-    has no padding at all (then everything is a plain reshape and no gather/scatter runs).
-    """
-
-    def __init__(self, attention_mask: torch.Tensor | None, batch: int, seq_len: int):
-        self.batch, self.seq_len = batch, seq_len
-        self.index = self.key_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = attention_mask.bool()
-            self.index = mask.flatten().nonzero().squeeze(1)
-            # A sequence with no real token would give an all-masked softmax row (NaN); let it see its first slot.
-            mask[:, 0] |= ~mask.any(1)
-            self.key_mask = mask[:, None, None, :]  # [B, 1, 1, T]: True = attend
-
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, ...] -> [N, ...]"""
-        x = x.reshape(self.batch * self.seq_len, *x.shape[2:])
-        return x if self.index is None else x.index_select(0, self.index)
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, D] -> [B, T, D] with zeros at padding."""
-        if self.index is not None:
-            x = x.new_zeros(self.batch * self.seq_len, x.shape[-1]).index_copy(0, self.index, x)
-        return x.view(self.batch, self.seq_len, x.shape[-1])
-
-    def rows(self, positions: torch.Tensor) -> torch.Tensor:
-        """Row in the unpadded [N, H] tensor of token (b, positions[b, j]); positions [B, P] -> [B, P]."""
-        flat = positions + torch.arange(self.batch, device=positions.device)[:, None] * self.seq_len
-        if self.index is None:
-            return flat
-        lookup = torch.zeros(self.batch * self.seq_len, dtype=torch.long, device=positions.device)
-        lookup[self.index] = torch.arange(self.index.numel(), device=positions.device)
-        return lookup[flat]
 
 
 class BertEmbeddings(nn.Module):
@@ -110,14 +78,14 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
-        # Projections run on real tokens only; SDPA needs the rectangular [B, heads, T, head_dim] view.
-        B, T, heads = layout.batch, layout.seq_len, self.num_heads
-        q, k, v = (layout.pad(proj(x)).view(B, T, heads, -1).transpose(1, 2)
-                   for proj in (self.query, self.key, self.value))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask,
-                                             dropout_p=self.dropout_p if self.training else 0.0)
-        return layout.unpad(out.transpose(1, 2).reshape(B, T, -1))
+    def forward(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+        if hasattr(self.query.weight, "ds_status"):  # ZeRO-3: each Linear gathers its weights in its own hook
+            qkv = torch.cat([self.query(x), self.key(x), self.value(x)], -1)
+        else:  # one GEMM; concatenating the weights costs ~1% of it
+            weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+            bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+            qkv = F.linear(x, weight, bias)
+        return attend(qkv, packed, self.num_heads, self.dropout_p if self.training else 0.0)
 
 
 class DenseResidualNorm(nn.Module):
@@ -139,8 +107,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = DenseResidualNorm(config.hidden_size, config)
 
-    def forward(self, x, layout):
-        return self.output(self.self(x, layout), x)
+    def forward(self, x, packed):
+        return self.output(self.self(x, packed), x)
 
 
 class BertIntermediate(nn.Module):
@@ -160,8 +128,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = DenseResidualNorm(config.intermediate_size, config)
 
-    def forward(self, x, layout):
-        x = self.attention(x, layout)
+    def forward(self, x, packed):
+        x = self.attention(x, packed)
         return self.output(self.intermediate(x), x)
 
 
@@ -171,12 +139,12 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.activation_checkpointing = bool(getattr(config, "activation_checkpointing", False))
 
-    def forward(self, x, layout):
+    def forward(self, x, packed):
         for layer in self.layer:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, layout, use_reentrant=False)
+                x = checkpoint(layer, x, packed, use_reentrant=False)
             else:
-                x = layer(x, layout)
+                x = layer(x, packed)
         return x
 
 
@@ -203,28 +171,31 @@ class BertModel(nn.Module):
         self.pooler = BertPooler(config)
         self.apply(lambda m: init_weights(m, config))
 
-    def encode(self, input_ids, token_type_ids=None, attention_mask=None) -> tuple[torch.Tensor, Layout]:
-        """-> (hidden [N_real, H], layout). The batch is first trimmed to its longest real sequence."""
-        if attention_mask is not None:
-            # Trim to the last column that holds a real token of any sequence (works for any mask, not just right-padding).
-            seq_len = int(attention_mask.any(0).nonzero().max()) + 1 if attention_mask.any() else 1
-            input_ids, attention_mask = input_ids[:, :seq_len], attention_mask[:, :seq_len]
-            token_type_ids = None if token_type_ids is None else token_type_ids[:, :seq_len]
-        B, T = input_ids.shape
-        layout = Layout(attention_mask, B, T)
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-        x = self.embeddings(layout.unpad(input_ids), layout.unpad(positions), layout.unpad(token_type_ids))
-        return self.encoder(x, layout), layout
+    def encode(self, packed: Packed) -> torch.Tensor:
+        """-> hidden states of the real tokens, [N, H] (rows as in `packed`)."""
+        x = self.embeddings(packed.input_ids, packed.position_ids, packed.token_type_ids)
+        return self.encoder(x, packed)
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None):
-        """-> (sequence_output [B, T, H] (zeros at padding), pooled_output [B, H])."""
-        hidden, layout = self.encode(input_ids, token_type_ids, attention_mask)
-        sequence = layout.pad(hidden)
-        pooled = self.pooler(sequence[:, 0])
-        if sequence.shape[1] < input_ids.shape[1]:
-            sequence = F.pad(sequence, (0, 0, 0, input_ids.shape[1] - sequence.shape[1]))
-        return sequence, pooled
+    def forward(self, input_ids=None, token_type_ids=None, attention_mask=None, packed: Packed | None = None):
+        """-> (sequence_output [B, T, H] (zeros at padding), pooled_output [B, H]). Give a mask (HF style; the layout
+        is then built on the device, with host syncs) or a `packed` batch."""
+        if packed is None:
+            packed = pack(attention_mask, input_ids, token_type_ids)
+        hidden = self.encode(packed)
+        B, T = packed.batch, packed.seq_len
+        sequence = hidden.new_zeros(B * T, hidden.shape[-1]).index_copy(0, packed.token_index, hidden)
+        pooled = self.pooler(hidden.index_select(0, packed.cls_rows))
+        return sequence.view(B, T, -1), pooled
+
+    def attention_path(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The attention implementation a training forward runs with activations of `dtype` on `device`."""
+        return _attention.attention_path(device, dtype,
+                                         self.config.attention_probs_dropout_prob if self.training else 0.0)
+
+    def compile_layers(self, **options) -> None:
+        """torch.compile each encoder layer (one graph for all of them; dynamic: N and max_seqlen vary per batch)."""
+        for layer in self.encoder.layer:
+            layer.compile(**{"dynamic": True, **options})
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -274,29 +245,31 @@ class BertForPreTraining(nn.Module):
         # One shared Parameter: optimizers, DDP and ZeRO (which dedups by identity) see a single tensor.
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None, masked_lm_positions=None,
-                masked_lm_ids=None, next_sentence_labels=None, return_logits=False) -> dict:
-        hidden, layout = self.bert.encode(input_ids, token_type_ids, attention_mask)
-        B = input_ids.shape[0]
-        cls_rows = layout.rows(torch.zeros(B, 1, dtype=torch.long, device=input_ids.device))[:, 0]
-        pooled = self.bert.pooler(hidden[cls_rows])
+    def forward(self, input_ids=None, token_type_ids=None, attention_mask=None, masked_lm_positions=None,
+                masked_lm_ids=None, next_sentence_labels=None, return_logits=False, packed: Packed | None = None) -> dict:
+        """Either HF-style tensors ([B, T] ids and mask, [B, P] masked positions/ids, [B] NSP labels) or a `packed`
+        batch from the loader (no host sync anywhere in forward or backward)."""
+        if packed is None:
+            packed = pack(attention_mask, input_ids, token_type_ids, masked_lm_positions, masked_lm_ids,
+                          next_sentence_labels)
+        hidden = self.bert.encode(packed)
+        pooled = self.bert.pooler(hidden.index_select(0, packed.cls_rows))
         nsp_logits = self.cls.seq_relationship(pooled)
         out = {}
-        if masked_lm_positions is not None and masked_lm_ids is not None and next_sentence_labels is not None:
-            # Slot j is used iff its position != 0 ([CLS] is never masked). Only used slots reach the vocab projection,
-            # the most expensive matmul of a small BERT. The head runs even with zero rows so that every rank calls
-            # the same modules (ZeRO-3 gathers parameters in module hooks).
-            used = masked_lm_positions != 0
-            labels = masked_lm_ids[used]
-            logits = self.cls.predictions(hidden[layout.rows(masked_lm_positions)[used]]).float()  # [M, V]
-            count = used.sum()
-            mlm_loss = F.cross_entropy(logits, labels, reduction="sum") / count.clamp(min=1)
-            nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_labels.view(-1))
+        if packed.mlm_rows is not None and packed.nsp_labels is not None:
+            # Only the used slots reach the vocab projection, the most expensive matmul of a small BERT. The head runs
+            # even with zero rows so that every rank calls the same modules (ZeRO-3 gathers parameters in module hooks).
+            labels = packed.mlm_labels
+            logits = self.cls.predictions(hidden.index_select(0, packed.mlm_rows)).float()  # [M, V]
+            mlm_loss = F.cross_entropy(logits, labels, reduction="sum") / max(packed.masked, 1)
+            nsp_loss = F.cross_entropy(nsp_logits.float(), packed.nsp_labels)
             out.update(loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss, nsp_loss=nsp_loss,
-                       mlm_correct=(logits.argmax(-1) == labels).sum(), mlm_count=count)
+                       mlm_correct=(logits.argmax(-1) == labels).sum(), mlm_count=packed.masked)
         if return_logits:
-            logits = self.cls.predictions(layout.pad(hidden))
-            out["prediction_logits"] = F.pad(logits, (0, 0, 0, input_ids.shape[1] - logits.shape[1]))
+            B, T = packed.batch, packed.seq_len
+            logits = self.cls.predictions(hidden)
+            padded = logits.new_zeros(B * T, logits.shape[-1]).index_copy(0, packed.token_index, logits)
+            out["prediction_logits"] = padded.view(B, T, -1)
             out["seq_relationship_logits"] = nsp_logits
         return out
 

@@ -1,6 +1,13 @@
-"""Optimizers (LAMB, AdamW) and the warmup + decay learning-rate schedule.
+"""Optimizers (LAMB, AdamW), the precision plan that decides who owns mixed precision, and the LR schedule.
 
-`Lamb` is a pure-PyTorch copy of DeepSpeed FusedLamb's update rule (deepspeed/ops/csrc/lamb/fused_lamb_cuda_kernel.cu),
+Training uses the multi-tensor optimizers of pretraining.optim_foreach (no extension build; DeepSpeed's fused ops only
+when they were built at install time). `plan_precision` turns a DeepSpeed config into what deepspeed.initialize gets:
+at ZeRO stage 0 the parameters stay fp32 (master weights), the forward runs under torch.autocast(bf16/fp16) and our
+step does clipping and fp16 loss scaling (DeepSpeed's fp16/bf16 sections and gradient_clipping are taken out of its
+config, so it wraps nothing); at ZeRO >= 1 DeepSpeed's ZeRO optimizer keeps precision, clipping and partitioning and
+calls our step on its fp32 partitions.
+
+`Lamb` below is the per-tensor reference the multi-tensor LAMB is tested against: a pure-PyTorch copy of DeepSpeed FusedLamb's update rule (deepspeed/ops/csrc/lamb/fused_lamb_cuda_kernel.cu),
 so CPU runs and CUDA runs train the same way. Per parameter tensor, at step t:
     m = b1*m + (1-b1)*g                      v = b2*v + (1-b2)*g^2          (no bias correction of m, v themselves)
     u = m / (sqrt(v) + eps) + wd * p         (eps outside the sqrt, on the *uncorrected* v; decay inside the update)
@@ -11,12 +18,17 @@ The trust ratio applies to every tensor, biases and LayerNorm included, as in Fu
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+from pretraining.optim_foreach import DynamicLossScaler, ForeachAdamW, ForeachLamb, load_deepspeed_op  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -93,41 +105,93 @@ def _load(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-# Fastest first. Each entry: (class path, extra constructor kwargs). apex's defaults differ from DeepSpeed's (global
-# grad-norm clipping inside FusedLAMB), so clipping is switched off there: the engine clips.
-_CANDIDATES: dict[tuple[str, str], list[tuple[str, dict]]] = {
-    ("lamb", "cuda"): [("deepspeed.ops.lamb.FusedLamb", {}),
-                       ("apex.optimizers.FusedLAMB", {"max_grad_norm": 0.0, "adam_w_mode": True}),
-                       ("pretraining.optim.Lamb", {})],
-    ("lamb", "cpu"): [("pretraining.optim.Lamb", {})],
-    ("adamw", "cuda"): [("deepspeed.ops.adam.FusedAdam", {"adam_w_mode": True}),
-                        ("apex.optimizers.FusedAdam", {"adam_w_mode": True}),
-                        ("torch.optim.AdamW", {"fused": True})],
-    # torch's fused CPU AdamW: ~6x faster than the foreach path on MiniLM (docs/benchmarks.md)
-    ("adamw", "cpu"): [("torch.optim.AdamW", {"fused": True}), ("torch.optim.AdamW", {})],
+_LAMB, _ADAMW = "pretraining.optim_foreach.ForeachLamb", "pretraining.optim_foreach.ForeachAdamW"
+# Fastest first: (class path, kernel). A "deepspeed" kernel is only there when DeepSpeed was installed with its ops
+# built (DS_BUILD_FUSED_LAMB=1 / DS_BUILD_FUSED_ADAM=1); it is never JIT-compiled from here.
+_CANDIDATES: dict[tuple[str, str], list[tuple[str, str]]] = {
+    ("lamb", "cuda"): [(_LAMB, "deepspeed"), (_LAMB, "foreach")],
+    ("lamb", "cpu"): [(_LAMB, "foreach")],
+    ("adamw", "cuda"): [(_ADAMW, "deepspeed"), (_ADAMW, "torch_fused"), (_ADAMW, "foreach")],
+    ("adamw", "cpu"): [(_ADAMW, "torch_fused"), (_ADAMW, "foreach")],  # torch's fused CPU AdamW: several x foreach
 }
 
 
-def optimizer_candidates(name: str, device_type: str) -> list[tuple[str, dict]]:
+def optimizer_candidates(name: str, device_type: str) -> list[tuple[str, str]]:
     """Implementations to try, in order, for `name` on `device_type` (any non-CUDA device uses the CPU list)."""
     if name not in ("lamb", "adamw"):
         raise ValueError(f"unknown optimizer {name!r}: expected 'lamb' or 'adamw'")
     return _CANDIDATES[(name, "cuda" if device_type == "cuda" else "cpu")]
 
 
+@dataclass
+class PrecisionPlan:
+    """Who does mixed precision, and the DeepSpeed config that follows from it (see the module docstring)."""
+
+    precision: str  # fp32 | bf16 | fp16 (what the DeepSpeed config asked for)
+    owner: str  # "ours" (ZeRO 0: fp32 params + autocast, our step clips/scales) | "deepspeed" (ZeRO >= 1)
+    ds_config: dict  # what deepspeed.initialize gets
+    max_grad_norm: float = 0.0  # clipping done by our step (0 when DeepSpeed clips)
+    loss_scaler: DynamicLossScaler | None = None  # fp16 under "ours"
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        if self.owner != "ours":
+            return None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def autocast(self, device_type: str):
+        """The forward's context: torch.autocast to the run's precision under "ours", a no-op otherwise."""
+        dtype = self.autocast_dtype
+        return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.loss_scaler.scale if self.loss_scaler is not None else loss
+
+    def describe(self) -> str:
+        if self.owner == "ours":
+            how = f"{self.precision} autocast" if self.precision != "fp32" else "fp32"
+            scale = ", dynamic loss scaling" if self.loss_scaler is not None else ""
+            return f"fp32 master weights, {how}{scale}, clip {self.max_grad_norm:g} in the optimizer step"
+        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        return f"DeepSpeed ZeRO-{stage} {self.precision} (its partitions, clipping and loss scaling)"
+
+
+def plan_precision(ds_config: dict) -> PrecisionPlan:
+    ds = json.loads(json.dumps(ds_config))
+    precision = ("fp16" if ds.get("fp16", {}).get("enabled") else
+                 "bf16" if ds.get("bf16", {}).get("enabled") else "fp32")
+    # DeepSpeed's throughput timer calls cuda synchronize at every forward and every step (timers.throughput
+    # .synchronized defaults to true); we measure time ourselves.
+    ds.setdefault("timers", {})["throughput"] = {"enabled": False}
+    if int(ds.get("zero_optimization", {}).get("stage", 0)) > 0:
+        return PrecisionPlan(precision, "deepspeed", ds)
+    fp16 = ds.pop("fp16", {})
+    ds.pop("bf16", None)
+    clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
+    ds["gradient_clipping"] = 0.0
+    scaler = DynamicLossScaler.from_deepspeed(fp16) if precision == "fp16" else None
+    return PrecisionPlan(precision, "ours", ds, max_grad_norm=clip, loss_scaler=scaler)
+
+
 def build_optimizer(model: torch.nn.Module, name: str, lr: float, betas=(0.9, 0.999), eps: float = 1e-6,
-                    weight_decay: float = 0.01, device_type: str = "cpu") -> torch.optim.Optimizer:
-    """The fastest available implementation; falls back (with a warning) when a fused kernel cannot be loaded."""
+                    weight_decay: float = 0.01, device_type: str = "cpu",
+                    plan: PrecisionPlan | None = None) -> torch.optim.Optimizer:
+    """The fastest available implementation (`.implementation` names it). `plan`: clipping and loss scaling go into
+    the step when we own precision (ZeRO 0); without a plan the step only updates (and tracks the gradient norm)."""
+    ours = plan is not None and plan.owner == "ours"
+    extra = dict(max_grad_norm=plan.max_grad_norm, loss_scaler=plan.loss_scaler) if ours else {}
+    if plan is not None and not ours:
+        extra["track_norm"] = False
     failures = []
-    for path, extra in optimizer_candidates(name, device_type):
-        try:  # fresh groups each try: torch optimizers write their defaults into the group dicts they are given
+    for path, kernel in optimizer_candidates(name, device_type):
+        try:  # fresh groups each try: optimizers write their defaults into the group dicts they are given
             optimizer = _load(path)(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
-                                    weight_decay=weight_decay, **extra)
-        except Exception as e:  # ImportError, or a CUDA op that fails to build/load
-            failures.append(f"{path}: {type(e).__name__}: {e}")
+                                    weight_decay=weight_decay, kernel=kernel, **extra)
+        except Exception as e:  # a DeepSpeed op not built at install time, a torch without the fused kernel
+            failures.append(f"{path}[{kernel}]: {type(e).__name__}: {e}")
             continue
         if failures:
-            log.warning("optimizer %s: using %s; unavailable: %s", name, path, "; ".join(failures))
+            log.info("optimizer %s: using %s; not available: %s", name, optimizer.implementation, "; ".join(failures))
         return optimizer
     raise RuntimeError(f"no {name} implementation could be built: " + "; ".join(failures))
 

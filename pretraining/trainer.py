@@ -1,10 +1,18 @@
 """The pretraining engine: build (model, data, optimizer, DeepSpeed engine), resume, train, checkpoint. ``main(cfg)``.
 
 One optimizer step = ``grad_accum`` micro-batches through ``engine.forward/backward/step`` (DeepSpeed owns the
-accumulation boundary, loss scaling, clipping, ZeRO and the LR scheduler step), then ONE small all-reduce that carries
-the step's metrics and the stop/save decisions, so every rank always takes the same branch (a rank that got SIGTERM
-cannot start a save alone and deadlock the others). The reduced loss goes through numerics.NumericsMonitor (NaN stop,
-fp16 overflow count, spike flag); signals are a flag (pretraining.preemption). Failure behaviour: docs/reliability.md.
+accumulation boundary, ZeRO and the LR scheduler step; precision, clipping and fp16 loss scaling belong to our
+optimizer step at ZeRO 0 and to DeepSpeed's ZeRO optimizer above it: pretraining.optim.plan_precision).
+
+No host sync inside a step: batches arrive packed and pinned from the loader thread and are copied non_blocking; the
+step's losses accumulate on the device. After each step ONE tiny all-reduce on a CPU (gloo) group carries the
+stop/save decisions and the host-side counts (tokens, samples, FLOPs), so every rank always takes the same branch (a
+rank that got SIGTERM cannot start a save alone and deadlock the others) without touching the CUDA stream. The
+device-side metrics of the steps since the last flush are all-reduced and read once per ``logging.every_steps`` (and
+before every checkpoint and at the end), then go through numerics.NumericsMonitor (NaN stop, fp16 overflow count,
+spike flag) step by step: a non-finite loss still stops the run before anything is checkpointed. Per-step times in
+metrics.jsonl are the flush interval's wall time divided by its steps (the GPU runs ahead of the host in between).
+Signals are a flag (pretraining.preemption). Failure behaviour: docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from biobert import dist
 from pretraining import checkpoint as ckpt
@@ -30,18 +39,46 @@ log = logging.getLogger(__name__)
 # resumes from that checkpoint. 0 = finished, anything else = failure.
 EXIT_PREEMPTED = 75
 
-# slots of the per-step all-reduce
-_LOSS, _MLM, _NSP, _CORRECT, _COUNT, _TOKENS, _SAMPLES, _FLOPS, _STOP, _SAVE_DUE, _N = range(11)
-_LOSS_KEYS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count")  # model outputs, in slots 0..4
+# device-side metrics of a step (model outputs summed over micro-batches), all-reduced at a flush
+_DEVICE_KEYS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct")
+# slots of the per-step host (gloo) all-reduce
+_STOP, _SAVE_DUE, _TOKENS, _SAMPLES, _FLOPS, _COUNT, _NHOST = range(7)
 
 
 def _loss_scale(optimizer) -> float | None:
-    """fp16 dynamic loss scale: ZeRO optimizers expose cur_scale, the non-ZeRO fp16 optimizer keeps it in a config."""
+    """fp16 loss scale: ours (loss_scaler.scale), DeepSpeed ZeRO's cur_scale, or DeepSpeed's fp16 wrappers'
+    loss_scale_config.cur_scale."""
     for holder in (optimizer, getattr(optimizer, "loss_scale_config", None), getattr(optimizer, "loss_scaler", None)):
-        value = getattr(holder, "cur_scale", None)
-        if isinstance(value, (int, float)):
-            return float(value)
+        for name in ("cur_scale", "scale"):
+            value = getattr(holder, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
     return None
+
+
+def _host_group():
+    """(group, device) for the per-step flags: a gloo group on the CPU when the default backend is not gloo, so the
+    all-reduce neither waits for the CUDA stream nor makes the host wait for it. If gloo cannot connect (set
+    GLOO_SOCKET_IFNAME to the interface NCCL uses), the default group carries them: correct, one sync per step."""
+    if dist.world_size() == 1:
+        return None, None
+    if torch.distributed.get_backend() == "gloo":
+        return torch.distributed.group.WORLD, torch.device("cpu")
+    try:
+        return torch.distributed.new_group(backend="gloo"), torch.device("cpu")
+    except Exception as e:  # noqa: BLE001 - any failure to build the side group: fall back, loudly
+        log.warning("no gloo group for the per-step flags (%s: %s); using the default group (a host sync per step)",
+                    type(e).__name__, e)
+        return None, dist.device()
+
+
+def _host_all_reduce(values: list[float], group) -> list[float]:
+    group, device = group
+    if device is None:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, group=group)
+    return t.tolist()
 
 
 def build_model(cfg: RunConfig):
@@ -77,7 +114,8 @@ def build_loader(cfg: RunConfig, model_config, tokenizer_dir, start_sample: int,
         masked_lm_prob=cfg.data.masked_lm_prob, max_predictions=cfg.data.max_predictions,
         vocab_size=model_config.vocab_size, special_token_ids=special, mask_token_id=vocab.get("[MASK]"),
         prefetch=cfg.data.prefetch, skip_bad_shards=cfg.data.skip_bad_shards, exclude_shards=exclude,
-        pin_memory=True)  # only takes effect on CUDA: lets the .to(device, non_blocking=True) copies overlap
+        pin_memory=True,  # only takes effect on CUDA: lets the .to(device, non_blocking=True) copies overlap
+        pack=True)  # the unpadded layout is computed in the loader thread, not in the step
 
 
 def preflight(cfg: RunConfig, model_config, tokenizer_dir) -> list[str]:
@@ -101,23 +139,26 @@ def preflight(cfg: RunConfig, model_config, tokenizer_dir) -> list[str]:
     return sorted({f for f, _ in errors})
 
 
-def main(cfg: RunConfig, on_step=None, on_micro=None) -> dict:
+def main(cfg: RunConfig, on_step=None, on_micro=None, step_guard=None) -> dict:
     """Train to cfg.max_steps (or until SIGTERM/SIGUSR1). Test hooks: ``on_step(step, engine)`` before each step,
-    ``on_micro(step, micro_index, sample_ids, engine)`` before each micro-batch's forward."""
+    ``on_micro(step, micro_index, sample_ids, engine)`` before each micro-batch's forward, ``step_guard(step)``: a
+    context manager around a step's micro-batches (benchmarks/gpu_check.py: CUDA sync debug mode "error")."""
     # A signal that arrived before this call (run.py installs the handler before the heavy imports) is kept:
     # it stops the run at the first step boundary. The flag is consumed when we return.
     previous = preemption.install()
     try:
-        return _train(cfg, on_step, on_micro)
+        return _train(cfg, on_step, on_micro, step_guard)
     finally:
         preemption.restore(previous)
         preemption.clear()
 
 
-def _train(cfg: RunConfig, on_step, on_micro) -> dict:
+def _train(cfg: RunConfig, on_step, on_micro, step_guard) -> dict:
+    import contextlib
+
     import deepspeed
 
-    from pretraining.optim import build_optimizer, build_scheduler
+    from pretraining.optim import build_optimizer, build_scheduler, plan_precision
 
     env = dist.init()
     rank, world = env.rank, env.world_size
@@ -127,7 +168,10 @@ def _train(cfg: RunConfig, on_step, on_micro) -> dict:
     device = dist.device()
 
     model, tokenizer_dir = build_model(cfg)
-    ds_config = cfg.deepspeed_dict(world, model.config.hidden_size)
+    # precision, clipping and loss scaling: ours at ZeRO 0 (no DeepSpeed wrapper around the client optimizer),
+    # DeepSpeed's ZeRO optimizer above it (pretraining.optim.plan_precision)
+    plan = plan_precision(cfg.deepspeed_dict(world, model.config.hidden_size))
+    ds_config = plan.ds_config
     bad_shards = preflight(cfg, model.config, tokenizer_dir)
 
     resume_from = None
@@ -151,9 +195,20 @@ def _train(cfg: RunConfig, on_step, on_micro) -> dict:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
 
     o, s = cfg.optimizer, cfg.schedule
-    optimizer = build_optimizer(model, o.name, o.lr, o.betas, o.eps, o.weight_decay, device_type=device.type)
+    optimizer = build_optimizer(model, o.name, o.lr, o.betas, o.eps, o.weight_decay, device_type=device.type,
+                                plan=plan)
     scheduler = build_scheduler(optimizer, s.warmup_steps, s.total_steps, s.kind, s.power)
+    if cfg.model.compile:
+        model.bert.compile_layers()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    host_group = _host_group()
+    act_dtype = plan.autocast_dtype or next(engine.module.parameters()).dtype
+    run_info = dict(attention=model.bert.attention_path(device, act_dtype),
+                    optimizer=getattr(optimizer, "implementation", type(optimizer).__name__),
+                    precision=plan.describe(), compiled=bool(cfg.model.compile), micro_batch=micro, grad_accum=accum,
+                    world_size=world)
+    if rank == 0:
+        log.warning("run: %s", " | ".join(f"{k} {v}" for k, v in run_info.items()))
     # A different dropout stream per rank; a resumed run restores the saved streams instead.
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -185,68 +240,108 @@ def _train(cfg: RunConfig, on_step, on_micro) -> dict:
                                        spike_factor=n.spike_factor, spike_window=n.spike_window,
                                        spike_min_history=n.spike_min_history, max_overflow_streak=n.max_overflow_streak)
     losses, last_saved, saved_at_time, stopped = [], None, time.monotonic(), False
+    pending: list[dict] = []  # steps since the last flush, their device metrics not yet read
+    interval_start = time.perf_counter()
     try:
         while step < cfg.max_steps and not stopped:
             if on_step is not None:
                 on_step(step + 1, engine)
-            t0, data_wait, lr = time.perf_counter(), 0.0, scheduler.get_last_lr()[0]
-            stats = torch.zeros(_N, dtype=torch.float64)
-            micro_losses, micro_ids = [], []  # per micro-batch, kept on device: no host sync per micro
-            for i in range(accum):
-                t = time.perf_counter()
-                batch = next(batches)
-                data_wait += time.perf_counter() - t
-                micro_ids.append(batch.pop("sample_ids"))
-                if id_log is not None:
-                    id_log.write(step + 1, i, micro_ids[-1])
-                if on_micro is not None:
-                    on_micro(step + 1, i, micro_ids[-1], engine)
-                stats[_TOKENS] += batch["attention_mask"].sum()
-                stats[_SAMPLES] += len(micro_ids[-1])
-                stats[_FLOPS] += batch_flops(model.config, batch["attention_mask"], batch["masked_lm_positions"])
-                out = engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
-                engine.backward(out["loss"])
-                engine.step()
-                micro_losses.append(torch.stack([out[key].detach().double() for key in _LOSS_KEYS]))
+            data_wait, lr = 0.0, scheduler.get_last_lr()[0]
+            host = [0.0] * _NHOST
+            device_sum, micro_losses, micro_ids = None, [], []  # kept on device: no host sync per micro or step
+            with step_guard(step + 1) if step_guard is not None else contextlib.nullcontext():
+                for i in range(accum):
+                    t = time.perf_counter()
+                    batch = next(batches)
+                    data_wait += time.perf_counter() - t
+                    micro_ids.append(batch.pop("sample_ids"))
+                    if id_log is not None:
+                        id_log.write(step + 1, i, micro_ids[-1])
+                    if on_micro is not None:
+                        on_micro(step + 1, i, micro_ids[-1], engine)
+                    packed = batch["packed"]
+                    host[_TOKENS] += packed.tokens
+                    host[_SAMPLES] += packed.batch
+                    host[_COUNT] += packed.masked
+                    host[_FLOPS] += batch_flops(model.config, batch["attention_mask"], batch["masked_lm_positions"])
+                    with plan.autocast(device.type):
+                        out = engine(packed=packed.to(device, non_blocking=True))
+                    engine.backward(plan.scale_loss(out["loss"]))
+                    engine.step()
+                    values = torch.stack([out[key].detach().float() for key in _DEVICE_KEYS])
+                    device_sum = values if device_sum is None else device_sum + values
+                    micro_losses.append(values[0])
             step += 1
             consumed += global_batch
-            stats[: len(_LOSS_KEYS)] = torch.stack(micro_losses).sum(0).cpu()
-            stats[_STOP] = float(preemption.requested())
             every_min = cfg.checkpoint.every_minutes
-            stats[_SAVE_DUE] = float(rank == 0 and every_min > 0 and time.monotonic() - saved_at_time >= every_min * 60)
-            stats = dist.all_reduce_sum(stats.to(device)).cpu()  # the only collective we add per step
-            loss = float(stats[_LOSS]) / (accum * world)
-            verdict, health = monitor.update(step, loss, engine.skipped_steps)
-            if verdict == numerics.STOP:  # every rank sees the same reduced loss: all raise, none is left waiting
-                _raise_nonfinite(cfg, step, monitor.reason, micro_losses, micro_ids, loader.manifest)
-            losses.append(loss)
-            scale = _loss_scale(engine.optimizer) if cfg.precision == "fp16" else None
-            grad_norm = engine.get_global_grad_norm()
-            metrics.log(step, dict(
-                loss=loss, mlm_loss=float(stats[_MLM]) / (accum * world), nsp_loss=float(stats[_NSP]) / (accum * world),
-                mlm_acc=float(stats[_CORRECT]) / max(float(stats[_COUNT]), 1.0), lr=lr,
-                grad_norm=None if grad_norm is None else float(grad_norm), loss_scale=scale, **health,
-                samples=float(stats[_SAMPLES]), tokens=float(stats[_TOKENS]), flops=float(stats[_FLOPS]),
-                step_time=time.perf_counter() - t0, data_wait=data_wait,
-                compute_time=time.perf_counter() - t0 - data_wait, samples_consumed=consumed))
-            stopped = bool(stats[_STOP] > 0) and step < cfg.max_steps  # a signal in the last step: just finish
+            host[_STOP] = float(preemption.requested())
+            host[_SAVE_DUE] = float(rank == 0 and every_min > 0 and time.monotonic() - saved_at_time >= every_min * 60)
+            host = _host_all_reduce(host, host_group)  # flags + counts on the CPU group: the CUDA stream runs on
+            norm = engine.get_global_grad_norm()  # ours: a device tensor, the same on every rank (reduced grads)
+            if isinstance(norm, torch.Tensor):
+                device_sum, norm = torch.cat([device_sum, norm.detach().float().reshape(1)]), "device"
+            pending.append(dict(step=step, device=device_sum, host=host, lr=lr, grad_norm=norm, data_wait=data_wait,
+                                skipped=engine.skipped_steps, micro_losses=micro_losses, micro_ids=micro_ids,
+                                samples_consumed=consumed,
+                                loss_scale=_loss_scale(engine.optimizer) if cfg.precision == "fp16" else None))
+            stopped = host[_STOP] > 0 and step < cfg.max_steps  # a signal in the last step: just finish
             every = cfg.checkpoint.every_steps
-            if stopped or stats[_SAVE_DUE] > 0 or step == cfg.max_steps or (every and step % every == 0):
+            save = stopped or host[_SAVE_DUE] > 0 or step == cfg.max_steps or (every and step % every == 0)
+            first = len(losses) + len(pending) == 1  # the warm-up (compilation) step: its own interval
+            if save or first or step % cfg.logging.every_steps == 0:
+                for rec in _flush(pending, interval_start, accum * world):  # one read of the device
+                    verdict, health = monitor.update(rec["step"], rec["loss"], rec.pop("skipped"))
+                    if verdict == numerics.STOP:  # every rank sees the same reduced loss: all raise, none is left waiting
+                        _raise_nonfinite(cfg, rec["step"], monitor.reason, rec["micro_losses"], rec["micro_ids"],
+                                         loader.manifest)
+                    losses.append(rec["loss"])
+                    del rec["micro_losses"], rec["micro_ids"]
+                    metrics.log(rec.pop("step"), {**rec, **health})
+                pending, interval_start = [], time.perf_counter()
+            if save:
                 last_saved = _save(cfg, engine, step, consumed, global_batch, model.config, tokenizer_dir)
                 saved_at_time = time.monotonic()
                 if not stopped and step < cfg.max_steps:  # signalled during the save: it is finished, stop now
-                    stopped = bool(dist.all_reduce_sum(torch.tensor([float(preemption.requested())], device=device)))
+                    stopped = _host_all_reduce([float(preemption.requested())], host_group)[0] > 0
+                interval_start = time.perf_counter()  # the save is not training time
     finally:
         loader.close()
         if id_log is not None:
             id_log.close()
     summary = metrics.summary(final_step=step, skipped_steps=engine.skipped_steps,
-                              bad_shards=len(bad_shards), preempted=stopped)
+                              bad_shards=len(bad_shards), preempted=stopped, **run_info)
     metrics.close(summary)
     dist.barrier()
     return dict(losses=losses, step=step, samples_consumed=consumed, checkpoint=last_saved,
                 resumed_from=resume_from, preempted=stopped, exit_code=EXIT_PREEMPTED if stopped else 0,
                 summary=summary, records=metrics.records, engine=engine)
+
+
+def _flush(pending: list[dict], interval_start: float, micro_batches: int) -> list[dict]:
+    """Reduce the pending steps' device metrics over ranks in one all-reduce, read them in one copy, and turn every
+    step into a metrics record (step time: the interval's wall time split evenly over its steps)."""
+    k = len(_DEVICE_KEYS)
+    width = max(p["device"].numel() for p in pending)  # k, or k + 1 with the gradient norm
+    device = torch.stack([F.pad(p["device"], (0, width - p["device"].numel())) for p in pending])
+    summed = dist.all_reduce_sum(device[:, :k].contiguous())  # the norm column is not summed: every rank has it
+    values = torch.cat([summed, device[:, k:]], 1).double().cpu().tolist()
+    step_time = (time.perf_counter() - interval_start) / len(pending)
+    micro_losses = torch.stack([x for p in pending for x in p["micro_losses"]]).cpu().tolist()
+    records, j = [], 0
+    for p, row in zip(pending, values):
+        loss, mlm, nsp, correct = row[:4]
+        host = p["host"]
+        norm = row[k] if p["grad_norm"] == "device" else p["grad_norm"]
+        n_micro = len(p["micro_losses"])
+        records.append(dict(
+            step=p["step"], loss=loss / micro_batches, mlm_loss=mlm / micro_batches, nsp_loss=nsp / micro_batches,
+            mlm_acc=correct / max(host[_COUNT], 1.0), lr=p["lr"], grad_norm=None if norm is None else float(norm),
+            loss_scale=p["loss_scale"], samples=host[_SAMPLES], tokens=host[_TOKENS], flops=host[_FLOPS],
+            step_time=step_time, data_wait=p["data_wait"], compute_time=step_time - p["data_wait"],
+            samples_consumed=p["samples_consumed"], skipped=p["skipped"],
+            micro_losses=micro_losses[j:j + n_micro], micro_ids=p["micro_ids"]))
+        j += n_micro
+    return records
 
 
 def _save(cfg: RunConfig, engine, step: int, consumed: int, global_batch: int, model_config, tokenizer_dir):
@@ -258,7 +353,7 @@ def _save(cfg: RunConfig, engine, step: int, consumed: int, global_batch: int, m
 
 def _raise_nonfinite(cfg: RunConfig, step: int, reason: str, micro_losses, micro_ids, manifest) -> None:
     """Collective (every rank calls it): gather each rank's micro-batch losses and sample ids, raise naming them."""
-    report = dict(rank=dist.rank(), losses=[float(x[0]) for x in micro_losses],
+    report = dict(rank=dist.rank(), losses=[float(x) for x in micro_losses],
                   sample_ids=[ids.tolist() for ids in micro_ids])
     reports = dist.all_gather_object(report)
     raise FloatingPointError(numerics.nonfinite_message(step, reason, reports, cfg.data.shard_dir, manifest))

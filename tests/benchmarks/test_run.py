@@ -61,7 +61,9 @@ def test_every_suite_writes_results(tmp_path, tiny_bert):
     metrics = {r["metric"] for r in train}
     assert {"samples/s", "tokens/s", "TFLOPS (useful)", "MFU", "peak memory", "data-wait fraction"} <= metrics
     assert {r["params"]["micro_batch"] for r in train} == {2, 4}
-    assert all("BertForPreTraining" in r["baseline_name"] for r in train)
+    compiled = [r for r in train if r["params"].get("compiled")]  # model.compile, measured on the first case
+    assert {r["baseline_name"] for r in compiled} == {"ours, eager", "HF BertForPreTraining, same DeepSpeed config"}
+    assert all("BertForPreTraining" in r["baseline_name"] for r in train if r not in compiled)
     ft = [r for r in saved["rows"] if r["suite"] == "finetune"]
     assert ft and ft[0]["baseline_name"].startswith("HF Trainer") and "synthetic" in saved["data"]["finetune_data"]
     assert "synthetic" in saved["data"]["shards"]

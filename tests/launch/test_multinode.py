@@ -50,7 +50,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     """4 shards x 64 samples, seq 32, vocab 100 (its vocab.txt is the tokenizer)."""
-    from pretraining.data_synthetic import write_synthetic_shards
+    from benchmarks.synthetic import write_synthetic_shards
 
     out = tmp_path_factory.mktemp("synthetic") / "shards"
     write_synthetic_shards(out, num_shards=4, samples_per_shard=64, seq_len=32, max_predictions=5, vocab_size=100)

@@ -85,16 +85,32 @@ def test_yaml_scientific_notation_is_a_number(tmp_path):
     assert load_config(run, ds).optimizer.lr == 3e-5
 
 
-def test_batch_must_agree_with_world_size():
-    assert BatchConfig(global_batch_size=192, micro_batch_size=24).grad_accum(8) == 1
-    assert BatchConfig(global_batch_size=192, micro_batch_size=24).grad_accum(2) == 4
+@pytest.mark.parametrize("world,micro,accum", [(1, 24, 8), (2, 24, 4), (8, 24, 1), (32, 6, 1), (64, 3, 1)])
+def test_recipe_global_batch_holds_at_any_world_size(world, micro, accum):
+    """The seq-512 recipes: global 192 with micro-batch at most 24, from one GPU to 8 nodes."""
+    recipe = json.loads((REPO / "ds_configs" / "bert_base_seq512_lamb_bf16.json").read_text())
+    batch = BatchConfig(global_batch_size=recipe["train_batch_size"],
+                        micro_batch_size=recipe["train_micro_batch_size_per_gpu"],
+                        grad_accum_steps=recipe.get("gradient_accumulation_steps"))
+    assert batch.derive(world) == (micro, accum)
+    assert batch.resolved(world) == dict(train_batch_size=192, train_micro_batch_size_per_gpu=micro,
+                                         gradient_accumulation_steps=accum)
+
+
+def test_batch_derivation_rules_and_refusals():
+    assert BatchConfig(global_batch_size=52, micro_batch_size=24).derive(2) == (13, 2)  # per rank 26: the largest divisor <= 24
+    assert BatchConfig(global_batch_size=192, grad_accum_steps=4).derive(2) == (24, 4)  # accumulation without a micro-batch: max = 96 / 4
     assert BatchConfig(micro_batch_size=4, grad_accum_steps=2).resolved(3) == dict(train_batch_size=24, train_micro_batch_size_per_gpu=4,
                                                        gradient_accumulation_steps=2)
-    with pytest.raises(ValueError, match=r"train_batch_size 192 is not a multiple of micro batch 24 x world size 3"):
-        BatchConfig(global_batch_size=192, micro_batch_size=24).grad_accum(3)
-    with pytest.raises(ValueError, match=r"train_batch_size 192 != micro batch 24 x gradient_accumulation_steps 2 x "
-                                         r"world size 8 = 384"):
-        BatchConfig(global_batch_size=192, micro_batch_size=24, grad_accum_steps=2).grad_accum(8)
+    assert BatchConfig(global_batch_size=192, micro_batch_size=24, grad_accum_steps=2).derive(8) == (24, 1)  # an accumulation for another world size is re-derived
+    with pytest.raises(ValueError, match=r"global batch 192 is not divisible by the world size 5: set "
+                                         r"batch.global_batch_size=190 or batch.global_batch_size=195, or run on 4 or 6 "
+                                         r"ranks"):
+        BatchConfig(global_batch_size=192, micro_batch_size=24).derive(5)
+    with pytest.raises(ValueError, match=r"world size 128: .*=128 or .*=256, or run on 96 or 192 ranks"):
+        BatchConfig(global_batch_size=192, micro_batch_size=24).derive(128)
+    with pytest.raises(ValueError, match="positive integer"):
+        BatchConfig(global_batch_size=192, micro_batch_size=0)
 
 
 def test_clear_errors(tmp_path):

@@ -428,3 +428,23 @@ def test_order_and_masks_are_pinned():
         masked_lm_prob=0.15, max_predictions=6, vocab_size=100, mask_token_id=4)
     assert positions.tolist() == [[4, 7, 13, 23, 25, 0]] and lm_ids.tolist() == [[9, 12, 18, 28, 30, 0]]
     assert masked[0, [4, 7, 13, 23, 25]].tolist() == [4, 26, 4, 4, 4]
+
+
+def test_packed_batches_come_from_the_loader_thread(dynamic_dir):
+    """pack=True: each batch carries the unpadded layout, equal to pack() of its own padded tensors, built in the
+    background thread (the training step only copies it)."""
+    from pretraining.attention import Packed, pack
+
+    with loader(dynamic_dir, pack=True) as ld:
+        it = iter(ld)
+        for _ in range(3):
+            batch = next(it)
+            p = batch["packed"]
+            assert isinstance(p, Packed) and isinstance(p.max_seqlen, int)
+            ref = pack(batch["attention_mask"], batch["input_ids"], batch["token_type_ids"],
+                       batch["masked_lm_positions"], batch["masked_lm_ids"], batch["next_sentence_labels"])
+            for name, value in vars(ref).items():
+                got = getattr(p, name)
+                assert (got.tolist() if hasattr(got, "tolist") else got) == (
+                    value.tolist() if hasattr(value, "tolist") else value), name
+            assert p.tokens == int(batch["attention_mask"].sum())

@@ -95,56 +95,156 @@ def test_lamb_state_dict_resume_is_exact():
         assert torch.equal(p, q)
 
 
-def test_build_optimizer_cpu_groups_and_selection(monkeypatch):
+def _twin_params(shapes, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    init[2].zero_()  # a zero tensor: trust ratio 1 at the first step
+    return ([torch.nn.Parameter(x.clone()) for x in init], [torch.nn.Parameter(x.clone()) for x in init])
+
+
+def _groups(params, wd):
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_foreach_lamb_equals_reference_lamb(wd):
+    """The multi-tensor LAMB (what trains) == the per-tensor Lamb (tested above against FusedLamb's kernel), with a
+    zero tensor, a zero gradient and a decay / no-decay split: per-tensor trust ratios, not one per group."""
+    shapes = [(6, 5), (5, 3), (5,), (3,)]
+    ours, ref = _twin_params(shapes, torch.float64)
+    a = optim.ForeachLamb(_groups(ours, wd), lr=0.01, eps=1e-6)
+    b = Lamb(_groups(ref, wd), lr=0.01, eps=1e-6)
+    g = torch.Generator().manual_seed(1)
+    for t in range(6):
+        grads = [torch.randn(s, generator=g, dtype=torch.float64) * (30.0 if t == 2 else 1.0) for s in shapes]
+        if t == 3:
+            grads[1].zero_()
+        for p, q, gr in zip(ours, ref, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        a.step()
+        b.step()
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        # a.lamb_coeffs are in group order (decay first), as b's
+        np.testing.assert_allclose(a.get_lamb_coeffs(), b.get_lamb_coeffs(), rtol=1e-12)
+    assert len(set(np.round(a.get_lamb_coeffs(), 6))) > 2  # distinct per-tensor ratios
+    assert a.implementation == "ForeachLamb[foreach]"
+
+
+@pytest.mark.parametrize("kernel", ["foreach", "torch_fused"])
+def test_foreach_adamw_equals_torch_adamw(kernel):
+    shapes = [(6, 5), (5, 3), (5,), (3,)]
+    ours, ref = _twin_params(shapes, torch.float32)
+    a = optim.ForeachAdamW(_groups(ours, 0.01), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, kernel=kernel)
+    b = torch.optim.AdamW(_groups(ref, 0.01), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, foreach=False)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_clipping_and_fp16_loss_scaling_in_the_step():
+    """grads arrive multiplied by the loss scale S: the step unscales and clips in one multiply (== clip_grad_norm_ +
+    torch AdamW on the true gradients); an inf skips the step, leaves weights and moments alone, lowers S after the
+    hysteresis; the state (moments, step counts, scaler) survives a state_dict round trip."""
+    shapes = [(6, 5), (5, 3), (5,), (3,)]
+    ours, ref = _twin_params(shapes, torch.float32)
+    scaler = optim.DynamicLossScaler(init_scale=2.0**10, scale_window=1000, hysteresis=2)
+    a = optim.ForeachAdamW(_groups(ours, 0.01), lr=1e-2, max_grad_norm=0.5, loss_scaler=scaler)
+    b = torch.optim.AdamW(_groups(ref, 0.01), lr=1e-2)
+    g = torch.Generator().manual_seed(2)
+    for t in range(6):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        S = scaler.scale
+        for p, gr in zip(ours, grads):
+            p.grad = gr * S
+        if t in (2, 3):
+            ours[0].grad[0, 0] = float("inf")
+        before = [p.detach().clone() for p in ours]
+        a.step()
+        if t in (2, 3):
+            assert a.overflow and all(torch.equal(x, p) for x, p in zip(before, ours))
+            continue
+        assert not a.overflow
+        for q, gr in zip(ref, grads):
+            q.grad = gr.clone()
+        norm = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        torch.testing.assert_close(a._global_grad_norm, norm, rtol=1e-6, atol=0)
+        b.step()
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert scaler.scale == 2.0**9  # first overflow used up the hysteresis, the second halved the scale
+    state = copy.deepcopy(a.state_dict())
+    c = optim.ForeachAdamW(_groups([torch.nn.Parameter(p.detach().clone()) for p in ours], 0.01), lr=1e-2,
+                           max_grad_norm=0.5, loss_scaler=optim.DynamicLossScaler())
+    c.load_state_dict(state)
+    assert c.loss_scaler.scale == 2.0**9 and c.state_dict()["state"][0]["step"] == 4
+
+
+def test_loss_scaler_follows_deepspeed_rules(monkeypatch):
+    """Same decisions as DeepSpeed's DynamicLossScaler over an overflow pattern (window 3, hysteresis 2)."""
+    from deepspeed.runtime.fp16 import loss_scaler as ds_scaler
+
+    monkeypatch.setattr(ds_scaler.dist, "get_rank", lambda *a, **k: 1)  # its logging asks; no process group here
+    ours = optim.DynamicLossScaler(init_scale=2.0**8, scale_window=3, min_scale=1, hysteresis=2)
+    ref = ds_scaler.DynamicLossScaler(init_scale=2.0**8, scale_window=3, min_scale=1, delayed_shift=2,
+                                      consecutive_hysteresis=False)
+    pattern = [0, 1, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]
+    for overflow in pattern:
+        ours.update(bool(overflow))
+        ref.update_scale(bool(overflow))
+        assert ours.scale == ref.cur_scale
+    assert optim.DynamicLossScaler.from_deepspeed({"loss_scale": 128}).static
+    assert optim.DynamicLossScaler.from_deepspeed({"initial_scale_power": 12}).scale == 4096
+
+
+def test_build_optimizer_selection_and_groups():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     model.tie = model[0]  # same parameters reachable twice: must appear once
     opt = build_optimizer(model, "lamb", lr=1e-3, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01, device_type="cpu")
-    assert type(opt) is Lamb
+    assert opt.implementation == "ForeachLamb[foreach]"
     decay, no_decay = opt.param_groups
     assert [p.shape for p in decay["params"]] == [(4, 4)] and decay["weight_decay"] == 0.01
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0  # bias, LN weight, LN bias
     adamw = build_optimizer(model, "adamw", lr=1e-3, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01,
                             device_type="cpu")
-    assert type(adamw) is torch.optim.AdamW and adamw.defaults["betas"] == (0.9, 0.99)
-    assert adamw.defaults["fused"] is True  # the fused CPU kernel, not the per-tensor loop
-
-    assert [c for c, _ in optimizer_candidates("lamb", "cuda")] == [
-        "deepspeed.ops.lamb.FusedLamb", "apex.optimizers.FusedLAMB", "pretraining.optim.Lamb"]
-    assert optimizer_candidates("adamw", "cuda")[0][0] == "deepspeed.ops.adam.FusedAdam"
+    assert adamw.implementation == "ForeachAdamW[torch_fused]" and adamw.defaults["betas"] == (0.9, 0.99)
+    assert [k for _, k in optimizer_candidates("lamb", "cuda")] == ["deepspeed", "foreach"]
+    assert [k for _, k in optimizer_candidates("adamw", "cuda")] == ["deepspeed", "torch_fused", "foreach"]
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
         optimizer_candidates("sgd", "cpu")
-
-    # On "cuda", a fused op that cannot load falls through to the next implementation, with a warning.
-    tried = []
-
-    class Fused(Lamb):
-        pass
-
-    def fake_load(path):
-        tried.append(path)
-        if path.startswith("deepspeed"):
-            raise RuntimeError("op build failed")
-        if path.startswith("apex"):
-            raise ImportError("no apex")
-        return Fused
-
-    monkeypatch.setattr(optim, "_load", fake_load)
-    assert type(build_optimizer(model, "lamb", 1e-3, (0.9, 0.999), 1e-6, 0.01, device_type="cuda")) is Fused
-    assert tried == ["deepspeed.ops.lamb.FusedLamb", "apex.optimizers.FusedLAMB", "pretraining.optim.Lamb"]
+    # DeepSpeed's ops were not built at install time here (and there is no CUDA): never compiled, the next one runs
+    assert optim.load_deepspeed_op("fused_lamb") is None
+    cuda = build_optimizer(model, "lamb", 1e-3, (0.9, 0.999), 1e-6, 0.01, device_type="cuda")
+    assert cuda.implementation == "ForeachLamb[foreach]"
+    with pytest.raises(TypeError, match="fp32 master weights"):
+        half = torch.nn.Linear(2, 2).to(torch.bfloat16)
+        half.weight.grad = torch.ones_like(half.weight)
+        optim.ForeachLamb(half.parameters()).step()
 
 
-def test_build_optimizer_real_deepspeed_fused_class_on_cuda_only():
-    """Without CUDA the DeepSpeed FusedLamb constructor cannot build its op; selection falls back to ours."""
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present")
-    try:
-        import apex  # noqa: F401
-
-        pytest.skip("apex present")
-    except ImportError:
-        pass
-    opt = build_optimizer(torch.nn.Linear(2, 2), "lamb", 1e-3, (0.9, 0.999), 1e-6, 0.0, device_type="cuda")
-    assert type(opt) is Lamb
+def test_precision_plan():
+    ds = {"train_batch_size": 8, "gradient_clipping": 1.0, "bf16": {"enabled": True},
+          "zero_optimization": {"stage": 0}, "communication_data_type": "fp32"}
+    plan = optim.plan_precision(ds)
+    assert (plan.owner, plan.precision, plan.autocast_dtype, plan.max_grad_norm) == ("ours", "bf16", torch.bfloat16, 1.0)
+    assert "bf16" not in plan.ds_config and plan.ds_config["gradient_clipping"] == 0.0  # DeepSpeed wraps nothing
+    assert plan.ds_config["timers"] == {"throughput": {"enabled": False}}  # its timer synchronizes the device
+    assert ds["bf16"] == {"enabled": True}  # the caller's config is left alone
+    fp16 = optim.plan_precision({**ds, "bf16": {"enabled": False}, "fp16": {"enabled": True,
+                                                                            "initial_scale_power": 12}})
+    assert fp16.loss_scaler.scale == 4096 and fp16.scale_loss(torch.tensor(2.0)) == 8192
+    zero = optim.plan_precision({**ds, "zero_optimization": {"stage": 2}})
+    assert zero.owner == "deepspeed" and zero.ds_config["bf16"] == {"enabled": True} and zero.autocast_dtype is None
+    assert zero.ds_config["gradient_clipping"] == 1.0
+    opt = build_optimizer(torch.nn.Linear(2, 2), "adamw", 1e-3, plan=zero)
+    assert opt.max_grad_norm == 0 and opt.loss_scaler is None and not opt.track_norm
 
 
 def lrs(schedule, power=1.0, warmup=4, total=12):
