@@ -357,7 +357,7 @@ def make_parser(cls, prog: str, description: str = "", *, config_help: str | Non
     parser.add_argument(*_HIDDEN, dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
     has_positional = any(f.metadata.get("positional") for f in dataclasses.fields(cls))
     if overrides and not has_positional:
-        parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+        parser.add_argument("key_values", nargs="*", metavar="KEY=VALUE",
                             help="any setting as key=value (nested ones as section.key=value)")
     return parser, flags + ["--print-config", "--debug"]
 
@@ -379,7 +379,7 @@ def given_values(ns: argparse.Namespace) -> dict:
     """The flags the user gave, as a nested dict (argparse defaults are suppressed, so absent = not given)."""
     out: dict = {}
     for key, value in vars(ns).items():
-        if key in ("config_file", "print_config", "local_rank", "overrides") or value is argparse.SUPPRESS:
+        if key in ("config_file", "print_config", "local_rank", "key_values") or value is argparse.SUPPRESS:
             continue
         set_dotted(out, key, value)
     return out
@@ -399,7 +399,7 @@ def parse(cls, argv: list[str] | None = None, *, prog: str, description: str = "
         path = resolve_config(ns.config_file) if resolve_config else Path(ns.config_file)
         deep_merge(values, read_file(path))
     deep_merge(values, given_values(ns))
-    for key, value in parse_overrides(getattr(ns, "overrides", None) or []):
+    for key, value in parse_overrides(getattr(ns, "key_values", None) or []):
         set_dotted(values, key, value)
     cfg = build(cls, values, "")
     if ns.print_config:
@@ -421,7 +421,7 @@ def parse_suite(cls, task_classes, argv: list[str] | None = None, *, prog: str, 
     values, tasks = {}, {}
     for key, value in given_values(ns).items():
         (values if key in own else tasks)[key] = value
-    for key, value in parse_overrides(getattr(ns, "overrides", None) or []):
+    for key, value in parse_overrides(getattr(ns, "key_values", None) or []):
         set_dotted(values if key.split(".")[0] in own else tasks, key, value)
     task_keys = {f.name for c in task_classes for f in dataclasses.fields(c)}
     for key in tasks:

@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None):
 
         names = ", ".join(sorted(p.stem for p in packaged_run_configs().glob("*.yaml")))
         raise ValueError(f"--config is required: a packaged recipe ({names}) or a YAML/JSON path")
-    pairs = _flag_pairs(vars(ns)) + parse_overrides(ns.overrides or [])
+    pairs = _flag_pairs(vars(ns)) + parse_overrides(ns.key_values or [])
     return load_config(ns.config_file, None, pairs), ns.print_config
 
 
@@ -51,7 +51,7 @@ def _flag_pairs(values: dict) -> list[tuple[str, object]]:
     """The section flags the user gave (--optimizer.lr 1e-4) as (key, value) overrides."""
     import argparse
 
-    skip = {"config_file", "print_config", "local_rank", "overrides", "deepspeed"}
+    skip = {"config_file", "print_config", "local_rank", "key_values", "deepspeed"}
     return [(k, v) for k, v in values.items() if k not in skip and v is not argparse.SUPPRESS]
 
 

@@ -120,8 +120,8 @@ def test_pretraining_and_export_mistakes_are_one_line(tmp_path):
     assert_one_line_error(biobert("pretrain", "--config", "tiny_cpus", cwd=tmp_path), "did you mean 'tiny_cpu'?")
     assert_one_line_error(biobert("pretrain", "--config", "biobert_continued_seq512", "data.shard_dir=s",
                                   cwd=tmp_path), "model.init is required")
-    assert_one_line_error(biobert("pretrain", "--config", "tiny_cpu", "data.shard_dir=s", "ds.train_batch_size=7",
-                                  cwd=tmp_path), "train_batch_size 7")
+    r = biobert("plan", "--config", "tiny_cpu", "--nproc-per-node", "3", "batch.global_batch_size=7", cwd=tmp_path)
+    assert_one_line_error(r, "global batch 7 is not divisible by the world size 3")
     # under a launcher only rank 0 speaks; every rank exits 2
     r = biobert("pretrain", "--config", "tiny_cpu", "optimizer.lrr=1", cwd=tmp_path,
                 env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})

@@ -44,7 +44,7 @@ def test_export_zero3_matches_engine_logits(zero3_run, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModel, AutoModelForPreTraining, AutoTokenizer
 
-    from pretraining.export import main as export_cli
+    from pretraining.export import cli as export_cli
 
     out, result = zero3_run
     engine = result["engine"]
