@@ -83,7 +83,6 @@ def record_syncs(found: list):
 
 def check_host_syncs(device, tmp: Path, compile_layers: bool, steps: int = 6) -> dict:
     from benchmarks.synthetic import write_synthetic_shards
-
     from pretraining import trainer
     from pretraining.config import load_config
 
