@@ -398,7 +398,7 @@ def _validation_shards(cfg, cluster, workers, held, val_blocks, attrs, fp, show)
     for info in infos.values():
         if not info.file.startswith(contract.VALIDATION_DIR + "/"):
             info.file = f"{contract.VALIDATION_DIR}/{info.file}"
-    if len(names) == 1:
+    if len(names) == 1 and cluster.rank == 0:
         log.warning("only one document is held out for validation: its NSP accuracy says little (random next "
                     "sentences need other documents); raise --validation-fraction for a larger corpus")
     return contract.ValidationSplit(

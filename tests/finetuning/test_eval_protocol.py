@@ -3,6 +3,7 @@ label beside them (conlleval's layout), and the suite's table in the paper's lay
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -46,6 +47,10 @@ def test_ner_without_test_split_takes_its_test_from_train(ner_without_test, mini
                        max_train_examples=64, **TINY))
     assert m["test_source"] == "train.tsv: 10% of its sentences held out as test (seed 3); train is the rest"
     assert m["f1"] == m["test"]["f1"] and m["dev"]  # the headline is the held-out test, dev stays under "dev"
+    curve = m["train"]["curve"]  # the loss curve, not just per-epoch numbers
+    assert [c["step"] for c in curve] == list(range(1, m["train"]["steps"] + 1)) and all(c["lr"] >= 0 for c in curve)
+    saved = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert saved["train"]["curve"] == curve and saved["test_source"] == m["test_source"]
     sentences = read_conll(ner_without_test / "train.tsv").sentences
     _, held = split_off_test(sentences, 0.1, 3)
     written = [blk.split("\n") for blk in (tmp_path / "out/test_predictions.tsv").read_text().strip().split("\n\n")]
