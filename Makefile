@@ -16,10 +16,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# A real one-node SLURM for the launcher tests (Debian slurm-wlm; root only). Best effort: without it those tests skip.
+# Real SLURM clusters for the launcher tests (Debian slurm-wlm; root only): one node, and several nodes as network
+# namespaces (iproute2's `ip`). Best effort: without them those tests skip.
 slurm:
-	@if ! command -v slurmctld >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client >/dev/null) \
+	@if { ! command -v slurmctld || ! command -v ip; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client iproute2 >/dev/null) \
 		|| echo "warning: could not install slurm-wlm; SLURM launcher tests will skip"; fi
 
 demo: $(STAMP)

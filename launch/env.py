@@ -6,6 +6,16 @@ size, master address/port, DeepSpeed hostfile, accelerator (and, given a recipe,
     biobert plan --config RECIPE [k=v ...]                # + the global/micro/accumulation split, or exit 2
     biobert plan --shell --write-hostfile FILE            # `export ...` lines for a batch script to eval
     srun biobert plan --json                              # what each task would see (rank discovery)
+    srun --ntasks=$SLURM_NNODES --ntasks-per-node=1 biobert plan --nproc-per-node 8
+                                                          # each node: its ranks, where MASTER_ADDR leads from there
+    biobert plan --forward-names                          # the variables launchers must pass to remote ranks
+
+The plan lists, per node, the ranks it will host, and the environment every rank must get from the launching
+shell (FORWARD_PREFIXES / FORWARD_NAMES: NCCL_*, LD_LIBRARY_PATH, PYTHONPATH, OMP_NUM_THREADS, the project's own
+BIOBERT_* / DS_* ...). srun and the deepspeed launcher pass the whole environment; mpirun passes only what is
+named with -x, which launch/mpi.sh takes from --forward-names. Run on a node of the plan, it adds what that node
+sees: its node index and ranks, and the address MASTER_ADDR resolves to from there (a rank that cannot resolve or
+reach it hangs at the rendezvous, so check this first when only some nodes start).
 
 Sources, first match wins:
   hosts:          SLURM_JOB_NODELIST (Slurm hostlist syntax: gpu[01-04,07],rack[1-2]-n[1-2]) | --hostfile / $HOSTFILE
@@ -18,6 +28,7 @@ Sources, first match wins:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -34,6 +45,16 @@ from biobert.config import option, parse
 from biobert.dist import DEFAULT_PORT, expand_hostlist
 from biobert.errors import UserError, run
 from biobert.files import atomic_write, free_port
+
+# What every rank needs from the launching shell, also on other nodes (launch/mpi.sh -x's these; srun and the
+# deepspeed launcher pass the whole environment). Per-node values (CUDA_VISIBLE_DEVICES, set on each node by the
+# scheduler) and the launch node's TMPDIR are deliberately not copied.
+FORWARD_PREFIXES = ("NCCL_", "UCX_", "FI_", "GLOO_", "TORCH_", "PYTORCH_", "CUDA_", "OMP_", "MKL_", "KMP_", "HF_",
+                    "TRANSFORMERS_", "TOKENIZERS_", "DS_", "BIOBERT_")
+FORWARD_NAMES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONHASHSEED", "VIRTUAL_ENV",
+                 "MASTER_ADDR", "MASTER_PORT")
+NOT_FORWARDED = ("CUDA_VISIBLE_DEVICES",)
+
 
 # ---------------------------------------------------------------- Slurm syntax
 
@@ -73,6 +94,24 @@ def format_hostfile(hosts: list[str], slots: list[int]) -> str:
     return "".join(f"{h} slots={s}\n" for h, s in zip(hosts, slots))
 
 
+def forwarded(environ: dict | None = None) -> dict[str, str]:
+    """The variables of `environ` (default: this process's) that every rank must get, sorted by name."""
+    env = os.environ if environ is None else environ
+    return {k: env[k] for k in sorted(env) if k not in NOT_FORWARDED
+            and (k in FORWARD_NAMES or k.startswith(FORWARD_PREFIXES))}
+
+
+def _shown(name: str, value: str) -> str:
+    """A value for a log line: secrets masked (HF_TOKEN ...), long ones cut."""
+    if any(word in name for word in ("TOKEN", "SECRET", "PASSWORD", "KEY")):
+        return "***"
+    return value if len(value) <= 40 else value[:37] + "..."
+
+
+def _span(ranks: range) -> str:
+    return f"{ranks.start}" if len(ranks) == 1 else f"{ranks.start}-{ranks.stop - 1}"
+
+
 # ---------------------------------------------------------------- derivation
 
 
@@ -106,6 +145,20 @@ class LaunchPlan:
     def hostfile(self) -> str:
         return format_hostfile(self.hosts, self.slots)
 
+    def node_ranks(self) -> list[range]:
+        """Global ranks of each node, in host order (the block placement srun, mpirun --map-by slot and the deepspeed
+        launcher all use: node i hosts the next slots[i] ranks; local rank = rank - first rank of its node)."""
+        starts = list(itertools.accumulate([0, *self.slots]))
+        return [range(a, b) for a, b in zip(starts, starts[1:])]
+
+    def node_index(self, host: str) -> int | None:
+        """This plan's index of `host` (also matching a short name against a qualified one); None if absent."""
+        for name in (host, host.split(".")[0]):
+            for i, h in enumerate(self.hosts):
+                if name in (h, h.split(".")[0]):
+                    return i
+        return None
+
     def shell(self) -> str:
         values = dict(MASTER_ADDR=self.master_addr, MASTER_PORT=self.master_port, NNODES=len(self.hosts),
                       NPROC_PER_NODE=self.nproc_per_node, WORLD_SIZE_PLANNED=self.world_size,
@@ -125,8 +178,44 @@ class LaunchPlan:
             f"accelerator    : {self.accelerator}" + (" (DS_ACCELERATOR=cpu)" if self.accelerator == "cpu" else ""),
             "hostfile       :",
             *("    " + line for line in self.hostfile.splitlines()),
+            "per node       :",
         ]
+        width = max(len(h) for h in self.hosts[:8])
+        for i, (host, ranks) in enumerate(zip(self.hosts[:8], self.node_ranks())):
+            lines.append(f"    node {i} {host:<{width}}  ranks {_span(ranks)} (local {_span(range(len(ranks)))})"
+                         + ("  <- rendezvous (rank 0)" if i == 0 else ""))
+        if len(self.hosts) > 8:
+            lines.append(f"    ... {len(self.hosts) - 8} more nodes")
         return "\n".join(lines)
+
+    def node_view(self, environ: dict | None = None) -> dict:
+        """What this node will see: its place in the plan and where MASTER_ADDR leads from here."""
+        env = os.environ if environ is None else environ
+        host = socket.gethostname()
+        index = self.node_index(host)
+        if index is None and env.get("SLURM_NODEID", "").isdigit():
+            index = int(env["SLURM_NODEID"])
+        try:
+            master = sorted({a[4][0] for a in socket.getaddrinfo(self.master_addr, self.master_port,
+                                                                 type=socket.SOCK_STREAM)})
+        except OSError as e:
+            master = [f"does not resolve here ({e.strerror or e})"]
+        ranks = self.node_ranks()[index] if index is not None and index < len(self.hosts) else None
+        return dict(host=host, node=index, ranks=None if ranks is None else list(ranks), master_resolves_to=master,
+                    gpus=_gpu_count(dict(env)), forwarded=forwarded(env))
+
+    def describe_node(self, environ: dict | None = None) -> str:
+        v = self.node_view(environ)
+        place = (f"node {v['node']}, hosts ranks {_span(range(v['ranks'][0], v['ranks'][-1] + 1))}" if v["ranks"]
+                 else "NOT in the plan's hosts (names must match `hostname`, or the ranks land elsewhere)")
+        values = " ".join(f"{k}={_shown(k, val)}" for k, val in v["forwarded"].items()
+                          if k not in ("PATH", "MASTER_ADDR", "MASTER_PORT"))
+        return "\n".join([
+            f"this node      : {v['host']}: {place}",
+            f"  master       : {self.master_addr} -> {', '.join(v['master_resolves_to'])}",
+            f"  GPUs visible : {v['gpus']}",
+            f"  ranks get    : {values or '(none of the forwarded variables is set)'}",
+        ])
 
 
 def _gpu_count(env: dict) -> int:
@@ -217,9 +306,14 @@ class PlanConfig:
                                   positional=True)
     json: bool = option(False, "machine-readable, with this process's rank view")
     shell: bool = option(False, "`export` lines on stdout, the description on stderr")
+    forward_names: bool = option(False, "print only the names of the set variables every rank must get (FORWARD_*), "
+                                        "one per line (launch/mpi.sh passes them with -x)")
 
 
 def main(cfg: PlanConfig) -> dict:
+    if cfg.forward_names:
+        print("".join(f"{name}\n" for name in forwarded()), end="")
+        return {}
     environ = dict(os.environ)
     if cfg.hostfile:
         environ["HOSTFILE"] = cfg.hostfile
@@ -228,13 +322,16 @@ def main(cfg: PlanConfig) -> dict:
         atomic_write(cfg.write_hostfile, plan.hostfile)
     split = batch_split(cfg.config, plan.world_size, cfg.overrides) if cfg.config else None
     if cfg.json:
+        view = plan.node_view(environ)
+        view["forwarded"] = {k: _shown(k, v) for k, v in view["forwarded"].items()}
         print(json.dumps(dict(asdict(plan), world_size=plan.world_size, hostfile=plan.hostfile, batch=split,
-                              process=process_view()), indent=2))
-    elif cfg.shell:
-        print(plan.describe() + (f"\nbatch          : {split}" if split else ""), file=sys.stderr)
+                              nodes=[list(r) for r in plan.node_ranks()], this_node=view, process=process_view()),
+                         indent=2))
+        return {"plan": plan, "batch": split}
+    text = plan.describe() + f"\n{plan.describe_node(environ)}" + (f"\nbatch          : {split}" if split else "")
+    print(text, file=sys.stderr if cfg.shell else sys.stdout)
+    if cfg.shell:
         print(plan.shell(), end="")
-    else:
-        print(plan.describe() + (f"\nbatch          : {split}" if split else ""))
     return {"plan": plan, "batch": split}
 
 

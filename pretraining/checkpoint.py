@@ -5,7 +5,7 @@ Layout of ``<output_dir>/checkpoints``::
     step_00000100/                  one DeepSpeed tag (save_checkpoint(save_dir, tag), any ZeRO stage)
         mp_rank_00_model_states.pt  ... DeepSpeed's files, written by every rank
         hf/config.json, vocab.txt   model config + tokenizer files, so export needs nothing but this folder
-        COMPLETE.json               written LAST, by rank 0, after every rank fsynced its files and a barrier
+        COMPLETE.json               written LAST, by rank 0, once every rank reported its files written + fsynced
     latest_complete                 our pointer (human/tool convenience, written after the marker)
     latest                          DeepSpeed's pointer, also written after the marker (so its own zero_to_fp32.py
                                     and load_checkpoint(tag=None) work on these directories unchanged)
@@ -21,9 +21,17 @@ Client state: step, samples consumed (the global data position), skipped steps, 
 torch, accelerator), plus what the caller adds. DeepSpeed stores the LR scheduler and optimizer itself.
 
 Save phases (``SAVE_PHASES``, in order; ``FAULT_HOOK(phase)`` is called at each so tests can kill the process there):
-start -> files_written -> synced -> marker_temp (marker written + fsynced under a temp name) -> marked -> pruning.
-A death before ``marked`` leaves a folder without marker (ignored, removed on resume); the previous complete
-checkpoint is untouched because retention only runs after the new marker is in place.
+start -> files_written -> synced (every rank fsynced the files it wrote and reported them: name, size, its host) ->
+marker_temp (marker written + fsynced under a temp name) -> marked -> pruning. A death before ``marked`` leaves a
+folder without marker (ignored, removed on resume); the previous complete checkpoint is untouched because retention
+only runs after the new marker is in place.
+
+The marker lists what the ranks *reported* (gathered over the process group), never what rank 0 finds by listing the
+folder: on a shared filesystem such as NFS, rank 0's node can be served a cached listing that lacks a file another
+node just wrote, and a marker built from it would vouch for a checkpoint with a file unaccounted for. A rank knows its
+files because every DeepSpeed state file goes through ``engine.checkpoint_engine.save`` (recorded during the save)
+and rank 0 writes ``hf/`` itself. Loading gathers every rank's view of the marker and its files first, so a node that
+does not see the checkpoint stops every rank with its name instead of leaving the others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -34,13 +42,17 @@ import os
 import random
 import re
 import shutil
+import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from biobert import dist
+from biobert.files import fsync_dir
+from pretraining import shared_dir
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +96,9 @@ def restore_rng(state: dict) -> None:
 
 
 def _atomic_write(path: Path, text: str, phase: str | None = None) -> None:
-    """temp + fsync + rename + dir fsync: the name only ever refers to complete content."""
+    """temp + fsync + rename + dir fsync, with a fault-injection point between fsync and rename. Unlike
+    biobert.files.atomic_write it has no cleanup path on purpose: an exception injected at ``phase`` must leave
+    exactly what a kill leaves (the fault tests rely on that)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -93,15 +107,7 @@ def _atomic_write(path: Path, text: str, phase: str | None = None) -> None:
     if phase:
         _phase(phase)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _files(folder: Path) -> dict[str, int]:
@@ -184,32 +190,30 @@ def save(engine, root: str | os.PathLike, step: int, client_state: dict, *, hf_c
     dist.barrier()
     _phase("start")
     state = dict(client_state, rng=dist.all_gather_object(capture_rng()), world_size=dist.world_size())
-    engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+    with _recording(engine) as mine:
+        engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
     if rank == 0:
         hf = folder / HF_SUBDIR
         hf.mkdir(exist_ok=True)
         if hf_config is not None:
             hf_config.to_json_file(str(hf / "config.json"))
+            mine.append(hf / "config.json")
         if tokenizer_dir is not None:
             from pretraining.model import TOKENIZER_FILES
 
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, hf / name)
+                    mine.append(hf / name)
     _phase("files_written")
-    # Every rank makes everything durable (on one node the first fsync does the work, the others are no-ops);
-    # the barrier then means: all files of all ranks are on disk.
-    dist.barrier()
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-    dist.barrier()
+    # Each rank makes its own files durable and reports them; the gather returns once every rank has done so.
+    reports = dist.all_gather_object(dict(rank=rank, host=socket.gethostname(), files=_make_durable(folder, mine)))
     _phase("synced")
     if rank == 0:
-        mark_complete(folder, step=step, samples_consumed=client_state.get("samples_consumed"),
-                      world_size=dist.world_size(), zero_stage=int(engine.zero_optimization_stage()))
+        files = {name: size for r in reports for name, size in r["files"].items()}
+        mark_complete(folder, files=files, step=step, samples_consumed=client_state.get("samples_consumed"),
+                      world_size=dist.world_size(), zero_stage=int(engine.zero_optimization_stage()),
+                      ranks=[dict(rank=r["rank"], host=r["host"], files=sorted(r["files"])) for r in reports])
         _phase("marked")
         _atomic_write(root / POINTER, tag + "\n")
         _atomic_write(root / DS_POINTER, tag)
@@ -218,9 +222,47 @@ def save(engine, root: str | os.PathLike, step: int, client_state: dict, *, hf_c
     return folder
 
 
-def mark_complete(folder: Path, **meta) -> None:
-    """The last write of a save: the marker lists every file with its size (temp + fsync + rename, then dir fsync)."""
-    meta = {"tag": folder.name, **meta, "time": time.time(), "files": _files(folder)}
+@contextmanager
+def _recording(engine):
+    """Yields the list of paths this rank's DeepSpeed engine saves while the block runs (all its state files go
+    through checkpoint_engine.save: model states, ZeRO partitions, MoE experts)."""
+    written: list[Path] = []
+    engine_ = engine.checkpoint_engine
+    save_fn = engine_.save
+
+    def save(*args, **kwargs):
+        out = save_fn(*args, **kwargs)
+        written.append(Path(kwargs["path"] if "path" in kwargs else args[1]))
+        return out
+
+    own = vars(engine_).get("save")  # normally None: the method comes from the class
+    engine_.save = save
+    try:
+        yield written
+    finally:
+        if own is None:
+            del engine_.save
+        else:
+            engine_.save = own
+
+
+def _make_durable(folder: Path, paths: list[Path]) -> dict[str, int]:
+    """fsync each file and every directory from its parent up to `folder`; {name relative to folder: size}."""
+    files, dirs = {}, {folder}
+    for p in paths:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+            files[str(p.relative_to(folder))] = os.fstat(f.fileno()).st_size
+        dirs.update(d for d in p.parents if d.is_relative_to(folder))
+    for d in sorted(dirs, key=lambda d: -len(d.parts)):  # entries first, then the directories holding them
+        fsync_dir(d)
+    return files
+
+
+def mark_complete(folder: Path, files: dict[str, int] | None = None, **meta) -> None:
+    """The last write of a save: the marker lists every file with its size (temp + fsync + rename, then dir fsync).
+    `files`: what the ranks reported; None (one process wrote everything, e.g. tools and tests) lists the folder."""
+    meta = {"tag": folder.name, **meta, "time": time.time(), "files": _files(folder) if files is None else files}
     _atomic_write(folder / MARKER, json.dumps(meta, indent=2), phase="marker_temp")
 
 
@@ -269,9 +311,12 @@ def load(engine, folder: str | os.PathLike, universal: bool = False) -> dict:
     with DeepSpeed's ``checkpoint.load_universal``): then it is converted with DeepSpeed's ds_to_universal (rank 0,
     into a temporary dot-folder next to it) and loaded from there, optimizer moments and schedule included."""
     folder = Path(folder)
-    ok, why = check_complete(folder)
-    if not ok:
-        raise ValueError(f"refusing to resume from an incomplete checkpoint: {why}")
+    reports = shared_dir.gather_problems(check_complete(folder)[1])  # every rank's own view of it
+    if all(why for _, _, why in reports):
+        raise ValueError(f"refusing to resume from an incomplete checkpoint: {reports[0][2]}")
+    if any(why for _, _, why in reports):
+        raise shared_dir.SharedDirError(f"refusing to resume from {folder}: it is complete for rank 0 but not as "
+                                        f"seen from {shared_dir.by_node(reports)}; {shared_dir.FIX}")
     meta = read_marker(folder)
     world, stage = dist.world_size(), int(engine.zero_optimization_stage())
     source = folder

@@ -65,6 +65,8 @@ class DataConfig:
     skip_bad_shards: bool = option(False, "skip (and count) bad shards instead of stopping before step 1")
     start_sample: int = option(0, "global data position of a NEW run (continuing an exported checkpoint on another "
                                   "world size: its samples_consumed); a resumed run uses its checkpoint's")
+    log_sample_ids: bool = option(False, "write the sample ids of every micro-batch to OUTPUT_DIR/sample_ids/ (one "
+                                         "file per rank; proves no sample is lost or repeated across restarts)")
 
     def __post_init__(self) -> None:
         if self.start_sample < 0:

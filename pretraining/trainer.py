@@ -19,9 +19,10 @@ import torch
 
 from biobert import dist
 from pretraining import checkpoint as ckpt
-from pretraining import numerics, preemption
+from pretraining import numerics, preemption, shared_dir
 from pretraining.config import PRESETS, RunConfig
 from pretraining.metrics import MetricsLogger, batch_flops, device_name, peak_tflops
+from pretraining.sample_log import SampleIdLog
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ def _train(cfg: RunConfig, on_step, on_micro) -> dict:
 
     env = dist.init()
     rank, world = env.rank, env.world_size
+    shared_dir.check(cfg.output_dir)  # one directory for every rank, or every rank stops here naming the nodes
     accum, micro = cfg.grad_accum(world), cfg.batch.micro(world)
     global_batch = micro * accum * world
     device = dist.device()
@@ -172,6 +174,7 @@ def _train(cfg: RunConfig, on_step, on_micro) -> dict:
                          "use the samples_consumed of a checkpoint")
     loader = build_loader(cfg, model.config, tokenizer_dir, consumed, exclude=bad_shards)
     batches = iter(loader)
+    id_log = SampleIdLog(cfg.output_dir, rank, step) if cfg.data.log_sample_ids else None
 
     peak, peak_source = peak_tflops(device_name(), cfg.precision, cfg.logging.peak_tflops)
     metrics = MetricsLogger(cfg.output_dir, active=rank == 0, start_step=step, max_steps=cfg.max_steps, peak=peak,
@@ -194,6 +197,8 @@ def _train(cfg: RunConfig, on_step, on_micro) -> dict:
                 batch = next(batches)
                 data_wait += time.perf_counter() - t
                 micro_ids.append(batch.pop("sample_ids"))
+                if id_log is not None:
+                    id_log.write(step + 1, i, micro_ids[-1])
                 if on_micro is not None:
                     on_micro(step + 1, i, micro_ids[-1], engine)
                 stats[_TOKENS] += batch["attention_mask"].sum()
@@ -233,6 +238,8 @@ def _train(cfg: RunConfig, on_step, on_micro) -> dict:
                     stopped = bool(dist.all_reduce_sum(torch.tensor([float(preemption.requested())], device=device)))
     finally:
         loader.close()
+        if id_log is not None:
+            id_log.close()
     summary = metrics.summary(final_step=step, skipped_steps=engine.skipped_steps,
                               bad_shards=len(bad_shards), preempted=stopped)
     metrics.close(summary)

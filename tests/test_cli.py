@@ -35,8 +35,8 @@ def test_help_lists_every_stage(tmp_path):
     for name in ("prep", "validate", "vocab", "pretrain", "export", "convert", "ner", "re", "qa", "evaluate", "sweep",
                  "bench", "plan", "demo"):
         assert f"\n  {name} " in r.stdout
-    r = biobert("nre", cwd=tmp_path)
-    assert r.returncode == 2 and "did you mean 'ner'?" in r.stderr
+    r = biobert("pretrian", cwd=tmp_path)
+    assert r.returncode == 2 and "did you mean 'pretrain'?" in r.stderr
 
 
 def config_classes():
@@ -135,8 +135,10 @@ def test_pretraining_and_export_mistakes_are_one_line(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr  # --debug: the traceback, for bug reports
 
 
-def test_vocab_mismatch_is_named_before_step_1(tmp_path, demo_corpus):
+def test_vocab_mismatch_is_named_before_step_1(tmp_path):
     """Shards made with one vocab, a model with another: stop before any training, naming both."""
+    from data_prep.demo import DEMO_CORPUS as demo_corpus
+
     vocab = tmp_path / "vocab"
     assert biobert("vocab", demo_corpus, "--output-dir", vocab, "--vocab-size", "600", "--min-frequency", "1",
                    cwd=tmp_path).returncode == 0

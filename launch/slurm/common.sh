@@ -2,6 +2,12 @@
 # DS_ACCELERATOR, OMP threads.
 # shellcheck shell=bash
 
+# Steps (srun) get this script's whole environment -- what it sets up (PYTHON, MASTER_ADDR/PORT, the hostfile for
+# MODE=deepspeed, DS_ACCELERATOR, OMP_NUM_THREADS) and what was submitted (NCCL_*, LD_LIBRARY_PATH, PYTHONPATH, ...):
+# with `sbatch --export=NONE` or `--export=A,B`, Slurm would otherwise pass that restriction on to every srun in the
+# job (sbatch(1), --export), and ranks on other nodes would start without them.
+export SLURM_EXPORT_ENV=ALL
+
 log() { echo "[$(date -u +%H:%M:%S) ${SLURM_JOB_ID:-}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}] $*" >&2; }
 die() { log "ERROR: $*"; exit 2; }
 

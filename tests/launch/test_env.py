@@ -111,3 +111,33 @@ def test_cli_writes_hostfile_and_checks_batch(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0 and "world size     : 16" in r.stdout
     assert mine.read_text() == "gpuA slots=8\ngpuB slots=8\n"  # read, not overwritten
+
+
+def test_per_node_ranks_and_forwarded_environment(monkeypatch):
+    plan = env.derive({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "gpu[01-03]", "SLURM_TASKS_PER_NODE": "4(x2),2",
+                       "DEVICE": "cpu"})
+    assert plan.node_ranks() == [range(0, 4), range(4, 8), range(8, 10)]
+    text = plan.describe()
+    assert "node 0 gpu01  ranks 0-3 (local 0-3)  <- rendezvous (rank 0)" in text
+    assert "node 2 gpu03  ranks 8-9 (local 0-1)" in text
+    fwd = env.forwarded({"NCCL_IB_HCA": "mlx5", "LD_LIBRARY_PATH": "/x", "PYTHONPATH": "/p", "OMP_NUM_THREADS": "1",
+                         "BIOBERT_DATA": "/d", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "0,1", "TMPDIR": "/t",
+                         "HOME": "/h", "HF_TOKEN": "secret"})
+    assert list(fwd) == ["BIOBERT_DATA", "DS_ACCELERATOR", "HF_TOKEN", "LD_LIBRARY_PATH", "NCCL_IB_HCA",
+                         "OMP_NUM_THREADS", "PYTHONPATH"]  # per-node and launch-node-only values stay behind
+    # what a node of the plan sees: its ranks, the master's address from there, the values (secrets masked)
+    monkeypatch.setattr(env.socket, "gethostname", lambda: "gpu02.cluster")
+    view = env.LaunchPlan("slurm", ["gpu01", "gpu02"], [2, 2], "127.0.0.1", 29500, "cpu").node_view(
+        {"NCCL_DEBUG": "INFO", "HF_TOKEN": "secret"})
+    assert (view["node"], view["ranks"], view["master_resolves_to"]) == (1, [2, 3], ["127.0.0.1"])
+    line = env.LaunchPlan("slurm", ["gpu01", "gpu02"], [2, 2], "no-such-host.invalid", 29500, "cpu").describe_node(
+        {"NCCL_DEBUG": "INFO", "HF_TOKEN": "secret"})
+    assert "gpu02.cluster: node 1, hosts ranks 2-3" in line and "no-such-host.invalid -> does not resolve" in line
+    assert "HF_TOKEN=*** NCCL_DEBUG=INFO" in line and "secret" not in line
+
+
+def test_forward_names_cli_is_what_mpi_sh_passes():
+    r = subprocess.run([sys.executable, "-m", "biobert", "plan", "--forward-names"], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "NCCL_SOCKET_IFNAME": "ib0", "CUDA_VISIBLE_DEVICES": "3",
+                            "HOSTFILE": "/nonexistent"})  # a bad HOSTFILE does not matter for this question
+    assert r.returncode == 0 and r.stdout.split() == ["NCCL_SOCKET_IFNAME", "PATH"]

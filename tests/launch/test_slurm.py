@@ -54,7 +54,7 @@ def test_data_prep_array_job_makes_valid_shards(array_shards, corpus):
     import json
 
     out, _, logs = array_shards
-    r = subprocess.run([sys.executable, "data_prep/validate.py", str(out)], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "biobert", "validate", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["file"].split("/")[0] for s in manifest["shards"]] == ["part-00000", "part-00001"]

@@ -70,7 +70,7 @@ def test_retention_keeps_newest_complete(tmp_path):
 def test_resolve_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ckpt.resolve(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint and holds no complete one"):
         ckpt.resolve(tmp_path)
 
 
@@ -116,6 +116,10 @@ def test_sigusr1_saves_exits_75_and_resume_matches(tmp_path, shards, minilm_dir)
     first = main(cfg(out, 2), on_step=send_signal)
     assert first["preempted"] and first["exit_code"] == EXIT_PREEMPTED == 75 and first["step"] == 3
     assert first["checkpoint"].name == "step_00000003" and ckpt.check_complete(first["checkpoint"])[0]
+    # the marker lists what the ranks reported writing: exactly the folder's files, each with its size
+    marker = ckpt.read_marker(first["checkpoint"])
+    assert marker["files"] == ckpt._files(first["checkpoint"]) and "hf/config.json" in marker["files"]
+    assert [(r["rank"], sorted(r["files"])) for r in marker["ranks"]] == [(0, sorted(marker["files"]))]
     assert signal.getsignal(signal.SIGUSR1) == handler_before  # main() restores the caller's handlers
     assert first["losses"] == reference[:3]
     (first["checkpoint"] / ckpt.MARKER).unlink()  # as if killed just before the marker: must not be used
@@ -132,7 +136,7 @@ def test_sigusr1_saves_exits_75_and_resume_matches(tmp_path, shards, minilm_dir)
     marker = out / "checkpoints" / "step_00000005" / ckpt.MARKER
     meta = json.loads(marker.read_text())
     marker.write_text(json.dumps({**meta, "world_size": 2}))
-    with pytest.raises(ValueError, match="saved by 2 ranks with ZeRO stage 2.*export.py.*data.start_sample=20"):
+    with pytest.raises(ValueError, match="saved by 2 ranks with ZeRO stage 2.*biobert export.*data.start_sample=20"):
         main(ef.load_tiny(ef.tiny_run(out, shards, minilm_dir, max_steps=6), ["ds.train_batch_size=4"]))
 
 
