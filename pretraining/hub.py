@@ -91,7 +91,6 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
             GatedRepoError,
-            IncompleteSnapshotError,
             LocalEntryNotFoundError,
             RepositoryNotFoundError,
             RevisionNotFoundError,
@@ -99,6 +98,10 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
     except ImportError:
         raise OSError(f"model {repo_id!r} looks like a hub id but huggingface_hub is not installed "
                       "(pip install huggingface_hub), or give a local directory") from None
+    try:  # huggingface_hub >= 1.x tells a partial cached snapshot apart; older ones raise LocalEntryNotFoundError
+        from huggingface_hub.errors import IncompleteSnapshotError
+    except ImportError:
+        IncompleteSnapshotError = LocalEntryNotFoundError
     kw = dict(revision=revision, cache_dir=_hub_cache(), local_files_only=_hub_offline())
     files = [CONFIG, VOCAB, *OPTIONAL]
     try:
