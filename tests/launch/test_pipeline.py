@@ -39,8 +39,8 @@ def test_ner_sample_is_exactly_what_make_sample_cuts_from_the_corpus(shared_data
 def test_whole_pipeline_on_the_embedded_default(tmp_path, capsys):
     from launch.pipeline import main, parse_args
 
-    summary = main(parse_args(["--output-dir", str(tmp_path / "demo"), "--ner-epochs", "2", "--ner-max-train", "200",
-                               "max_steps=6", "checkpoint.every_steps=3", "schedule.warmup_steps=2"]))
+    summary = main(parse_args(["--output-dir", str(tmp_path / "demo"), "max_steps=6", "checkpoint.every_steps=3",
+                               "schedule.warmup_steps=2"]))
     out = capsys.readouterr().out
     assert "pipeline summary |" in out and "NER test F1 (seeds 1): general-domain start" in out and "continued" in out
     data = summary["data"]
@@ -49,7 +49,7 @@ def test_whole_pipeline_on_the_embedded_default(tmp_path, capsys):
     assert pre["steps"] == 6 and pre["final_loss"] < pre["first_loss"]  # fresh MLM head: the loss must fall
     ner = summary["ner"]
     assert list(ner) == ["general-domain start", "continued"] and ner["general-domain start"]["model"] == "minilm"
-    for row in ner.values():  # real disease NER on 200 sentences: clearly above an untrained tagger's ~0
+    for row in ner.values():  # real disease NER on 400 sentences (0.39-0.40 measured): above an untrained tagger's 0
         assert row["f1"] > 0.2 and row["test_source"].endswith("test.tsv"), row
     demo = tmp_path / "demo"
     assert (demo / "pipeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
