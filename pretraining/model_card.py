@@ -198,12 +198,13 @@ def model_card(p: dict, name: str) -> str:
         start = f"`{base['hub_id'] or base['spec']}`" + (f" ({base['note']})" if base.get("note") else "")
     if corpus.get("available"):
         vd, vt = corpus.get("validation_documents") or 0, corpus.get("validation_tokens") or 0
-        docs, tokens = corpus["documents"] or 0, corpus["tokens"] or 0
+        docs, tokens = corpus.get("documents"), corpus.get("tokens")
         held = (f" + {vd:,} held out for validation ({vt:,} tokens)" if vd else ", no validation split")
-        corpus_line = (f"{docs - vd:,} training documents ({tokens - vt:,} WordPiece tokens){held}; "
-                       f"`{corpus['shard_dir']}`, manifest sha256 `{corpus['manifest_sha256'][:16]}...`, "
-                       f"{corpus['instances']:,} instances of {corpus['seq_len']} tokens, dupe factor "
-                       f"{corpus['dupe_factor']}")
+        size = (f"{docs - vd:,} training documents ({_fmt(None if tokens is None else tokens - vt)} WordPiece tokens)"
+                if docs is not None else "documents and tokens not recorded in the manifest")
+        corpus_line = (f"{size}{held}; `{corpus['shard_dir']}`, manifest sha256 `{corpus['manifest_sha256'][:16]}...`, "
+                       f"{_fmt(corpus.get('instances'))} instances of {corpus.get('seq_len')} tokens, dupe factor "
+                       f"{corpus.get('dupe_factor') or 'not recorded'}")
     else:
         corpus_line = f"`{corpus.get('shard_dir')}`: {corpus.get('note', 'not recorded')}"
     if val:

@@ -207,3 +207,19 @@ def test_export_without_records_says_so(zero3_run, tmp_path):
     assert "license: cc-by-4.0" in text and "base_model" not in text.split("---")[1]
     assert "freshly initialised BERT (`tiny` preset)" in text and "final validation | not measured" in text
     assert json.loads((hf / "config.json").read_text())["_name_or_path"] == "from scratch (tiny)"
+
+
+def test_card_says_what_is_missing_instead_of_failing(tmp_path):
+    """Shards without a data_prep summary (synthetic, NVIDIA-made), no metrics, no run config: still a card."""
+    import json
+
+    from pretraining import model_card
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"seq_len": 32, "settings": {}}))
+    prov = model_card.provenance(tmp_path / "run" / "checkpoints" / "step_00000001", {"step": 1}, {}, license=None,
+                                 export_command=["biobert", "export", "x", "y"])
+    prov["corpus"] = model_card.describe_corpus(str(tmp_path))
+    text = model_card.model_card(prov, "m")
+    assert "documents and tokens not recorded in the manifest" in text and "license: other" in text
+    assert "License: not determined" in text and "tokens seen" in text and "not recorded" in text
+    assert model_card.describe_corpus(str(tmp_path / "gone"))["available"] is False

@@ -148,7 +148,7 @@ def test_stage_change_refused_with_recipe_that_continues_the_data(tmp_path, shar
     first_ids = ef.SampleLog()
     first = main(_cfg(tmp_path / "a", shards, max_steps=2), on_micro=first_ids)
     with pytest.raises(ValueError, match=r"(?s)saved by 1 ranks with ZeRO stage 2; this run has 1 ranks and ZeRO "
-                                         r"stage 1.*export\.py .*model\.init=OUT data\.start_sample=16"):
+                                         r"stage 1.*biobert export .*model\.init=OUT data\.start_sample=16"):
         main(_cfg(tmp_path / "a", shards, max_steps=4, overrides=["ds.zero_optimization.stage=1"]))
     hf = export(tmp_path / "a" / "checkpoints", tmp_path / "hf")
     ids = ef.SampleLog()
@@ -203,7 +203,7 @@ def test_universal_route_needs_zero_partitions(tmp_path, shards):
     from pretraining.trainer import main
 
     main(_cfg(tmp_path, shards, max_steps=2, overrides=["ds.zero_optimization.stage=0"]))
-    with pytest.raises(ValueError, match=r"(?s)universal checkpoint needs ZeRO stage 1-3.*stage 0.*export\.py"):
+    with pytest.raises(ValueError, match=r"(?s)universal checkpoint needs ZeRO stage 1-3.*stage 0.*biobert export"):
         main(_cfg(tmp_path, shards, max_steps=4, overrides=["ds.zero_optimization.stage=1",
                                                              "checkpoint.reshard=universal"]))
 
