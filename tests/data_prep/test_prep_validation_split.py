@@ -170,6 +170,18 @@ def test_validation_batches_cover_the_subset_equally_on_every_rank(abstracts, un
     assert len(got) == 4 and sorted(map(tuple, lm.tolist())) == sorted(map(tuple, want.tolist()))
     with pytest.raises(ValueError, match="training shard directory"):
         validation_split(out, out)
+    # the batches are what the model takes: a tiny BERT scores every masked position of the split
+    import torch
+    from transformers import BertConfig
+
+    from pretraining.model import BertForPreTraining
+
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=64)).eval()
+    with torch.no_grad():
+        counts = [int(model(**b)["mlm_count"]) for b in got]
+    assert sum(counts) == int((want > 0).sum()) > 0
 
 
 def test_explicit_validation_dir_for_directories_without_a_split(abstracts, uncased_vocab, tmp_path):
