@@ -3,6 +3,9 @@
 Shards are HDF5 files whose datasets follow NVIDIA DeepLearningExamples' BERT schema exactly, so shards made
 by either tool work in the other. A shard directory also holds ``manifest.json`` describing every shard.
 Readers import only this module from data_prep: the seam is the format, not shared state.
+
+Format versions: 1 = training shards only; 2 adds ``validation`` (held-out documents: their own shards under
+``validation/``, with checksums, always statically masked). Version-1 manifests still load (no validation split).
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import numpy as np
 
 from biobert.files import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
+VALIDATION_DIR = "validation"  # held-out shards live in this subdirectory (NVIDIA's layout keeps test/ apart too)
+VALIDATION_DOCS = "documents.txt"  # in VALIDATION_DIR: the held-out document ids, one a line
 SHARD_SUFFIX = ".hdf5"
 
 # name -> (dtype, rank); shapes are [N, seq_len], [N, max_pred] or [N].
@@ -89,6 +95,24 @@ class ShardInfo:
 
 
 @dataclass
+class ValidationSplit:
+    """Documents held out of training (chosen by a seeded hash of their ids) and their shards."""
+
+    fraction: float
+    documents: int
+    sentences: int
+    tokens: int  # WordPiece tokens of the held-out text
+    instances: int
+    masking: str = "static"  # fixed masks: every evaluation scores the same positions
+    documents_sha256: str | None = None  # of VALIDATION_DIR/documents.txt
+    shards: list[ShardInfo] = field(default_factory=list)  # files relative to the shard directory
+
+    def __post_init__(self) -> None:
+        schema_for(self.masking)
+        self.shards = [s if isinstance(s, ShardInfo) else ShardInfo(**s) for s in self.shards]
+
+
+@dataclass
 class Manifest:
     seq_len: int
     max_predictions: int
@@ -101,14 +125,29 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     settings: dict = field(default_factory=dict)  # dupe_factor, masked_lm_prob, whole_word_masking, ...
     shards: list[ShardInfo] = field(default_factory=list)
+    validation: ValidationSplit | None = None
 
     def __post_init__(self) -> None:
         schema_for(self.masking)
         self.shards = [s if isinstance(s, ShardInfo) else ShardInfo(**s) for s in self.shards]
+        if isinstance(self.validation, dict):
+            self.validation = ValidationSplit(**self.validation)
 
     @property
     def total_samples(self) -> int:
         return sum(s.samples for s in self.shards)
+
+    def validation_manifest(self) -> Manifest | None:
+        """The validation split as a Manifest of its own (its shards, static masking, same vocab and lengths), so
+        every shard check and reader takes it unchanged; None when the directory has no split."""
+        v = self.validation
+        if v is None or not v.shards:
+            return None
+        return Manifest(seq_len=self.seq_len, max_predictions=self.max_predictions, masking=v.masking,
+                        lower_case=self.lower_case, vocab_hash=self.vocab_hash, vocab_size=self.vocab_size,
+                        seed=self.seed, tool_version=self.tool_version, format_version=self.format_version,
+                        settings={"split": "validation", "fraction": v.fraction, "documents": v.documents},
+                        shards=list(v.shards))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -122,8 +161,9 @@ class Manifest:
             raise FileNotFoundError(f"{path}: no manifest (is this a data_prep output directory?)") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: manifest is not valid JSON: {e}") from None
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {data.get('format_version')} != supported {FORMAT_VERSION}")
+        if data.get("format_version") not in SUPPORTED_VERSIONS:
+            raise ValueError(f"{path}: format_version {data.get('format_version')} is not one this version reads "
+                             f"({', '.join(map(str, SUPPORTED_VERSIONS))}): use the data_prep that wrote it")
         try:
             return cls(**data)
         except TypeError as e:

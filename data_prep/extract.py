@@ -19,7 +19,7 @@ from pathlib import Path
 
 from biobert.errors import UserError
 
-INPUT_SUFFIXES = (".xml", ".xml.gz", ".nxml", ".txt", ".txt.gz")
+INPUT_SUFFIXES = (".xml", ".xml.gz", ".nxml", ".nxml.gz", ".txt", ".txt.gz")
 
 
 class DataError(UserError):
@@ -73,7 +73,7 @@ def iter_documents(path: str | os.PathLike) -> Iterator[Document]:
         raise DataError(f"{path}: empty input (0 bytes)")
     if name.endswith((".txt", ".txt.gz")):
         yield from iter_bert_text(path)
-    elif name.endswith(".nxml") or name.endswith((".xml", ".xml.gz")) and _is_jats(path):
+    elif name.endswith((".nxml", ".nxml.gz")) or name.endswith((".xml", ".xml.gz")) and _is_jats(path):
         yield from iter_pmc(path)
     elif name.endswith((".xml", ".xml.gz")):
         yield from iter_pubmed(path)
@@ -186,11 +186,79 @@ def _pubmed_record(citation: ET.Element) -> Document | None:
     return Document(doc_id=pmid, paragraphs=paragraphs)
 
 
-# JATS subtrees that are not running prose: tables, figures, formulas, references, and the citation markers.
+# JATS subtrees that are not running prose: tables, figures, formulas, references. Cross-references (<xref>) are
+# handled by type in _jats_text: citations go, figure/table/section numbers stay ("Figure 3B" is part of a sentence).
 _PMC_SKIP = frozenset(
-    {"table-wrap", "table", "fig", "fig-group", "disp-formula", "inline-formula", "tex-math", "math", "xref",
+    {"table-wrap", "table", "fig", "fig-group", "disp-formula", "inline-formula", "tex-math", "math",
      "ref-list", "supplementary-material", "graphic", "media", "label", "caption", "table-wrap-foot", "fn-group"}
 )
+# xref types whose text reads as part of the sentence; bibliography (and untyped) xrefs are citations; the rest
+# (footnote markers, affiliations) are dropped.
+_XREF_KEEP = frozenset({"fig", "table", "sec", "supplementary-material", "disp-formula", "app", "boxed-text", "chem",
+                        "scheme", "statement", "list", "plate"})
+_XREF_CITE = frozenset({"bibr", ""})
+# Each citation's text is wrapped in markers until clean_citations decides its fate: numeric ones ("[12]", "3-5")
+# and author-year ones ("Smith et al., 2000") get different opening markers.
+_NUM_OPEN, _AY_OPEN, _CLOSE = "\x02", "\x04", "\x03"  # control characters never occur in XML 1.0 text
+_ANY = "[\x02\x04][^\x03]*\x03"
+_NUM = "\x02[^\x03]*\x03"
+_SEP = r"\s*(?:[,;\u2013\u2014-]|and)\s*"
+# A run of citations inside brackets of its own: "[1, 2]", "(Smith 2000; Jones 2001)", "(see [3]-[5])".
+_BRACKETED_CITES = re.compile(rf"\s*[\[(]\s*(?:(?:see|e\.g\.|cf\.|reviewed in)[,:]?\s*)?{_ANY}(?:{_SEP}{_ANY})*\s*[\])]")
+# Numeric citations standing in the sentence with the separators between them: "conclusions [2], [3]."
+_NUMERIC_CITES = re.compile(rf"\s*{_NUM}(?:{_SEP}{_NUM})*")
+# Citations that open or close a parenthesis holding other content too: "(Smith, 2001; p < 0.01)".
+_LEADING_CITES = re.compile(rf"([\[(])\s*{_ANY}(?:{_SEP}{_ANY})*\s*[,;]\s*")
+_TRAILING_CITES = re.compile(rf"\s*[,;]\s*{_ANY}(?:{_SEP}{_ANY})*\s*([\])])")
+_DANGLING = [(re.compile(r"([\[(])\s*[,;]\s*"), r"\1"), (re.compile(r"\s*[,;]\s*([\])])"), r"\1")]
+_NUMERIC_TEXT = re.compile(r"[\s\[\]()0-9,;\u2013\u2014a-z-]*")
+
+
+def _citation(text: str) -> str:
+    """Mark a citation: numeric ones and those carrying their own brackets ("(Smith, 2000)") can go wherever they
+    stand; a bare author-year one may be the subject of the sentence."""
+    numeric = _NUMERIC_TEXT.fullmatch(text) and re.search(r"\d", text) and not re.search(r"[a-z]{2}", text)
+    enclosed = re.fullmatch(r"\s*(\(.*\)|\[.*\])\s*", text, re.S) is not None
+    return (_NUM_OPEN if numeric or enclosed else _AY_OPEN) + text.replace(_CLOSE, "") + _CLOSE
+
+
+def clean_citations(text: str) -> str:
+    """Remove marked citations with their own brackets and separators; an author-year citation that is part of the
+    sentence stays ("as Smith et al. (2000) showed"). "mutations [12], the L-shaped" -> "mutations, the L-shaped";
+    "conclusions [2], [3]." -> "conclusions."; "(Figure 2; [4])" -> "(Figure 2)"."""
+    if _CLOSE not in text:
+        return text
+    text = _BRACKETED_CITES.sub("", text)
+    text = _TRAILING_CITES.sub(r"\1", _LEADING_CITES.sub(r"\1", text))
+    text = _NUMERIC_CITES.sub("", text)
+    text = re.sub("[\x02\x03\x04]", "", text)
+    for pattern, repl in _DANGLING:
+        text = pattern.sub(repl, text)
+    return _EMPTY_BRACKETS.sub("", text)
+
+
+def _jats_text(el: ET.Element) -> str:
+    """Running text of a JATS element: skipped subtrees out, citations marked for clean_citations."""
+    parts: list[str] = []
+
+    def walk(e: ET.Element) -> None:
+        if e.text:
+            parts.append(e.text)
+        for child in e:
+            tag = _local(child.tag)
+            if tag == "xref":
+                kind = child.get("ref-type", "")
+                if kind in _XREF_KEEP:
+                    walk(child)
+                elif kind in _XREF_CITE:
+                    parts.append(_citation(_text(child, _PMC_SKIP)))
+            elif tag not in _PMC_SKIP:
+                walk(child)
+            if child.tail:
+                parts.append(child.tail)
+
+    walk(el)
+    return clean_citations("".join(parts))
 
 
 def iter_pmc(path: Path) -> Iterator[Document]:
@@ -205,7 +273,7 @@ def iter_pmc(path: Path) -> Iterator[Document]:
     paragraphs: list[str] = []
 
     def add(el: ET.Element) -> None:
-        text = normalize(_EMPTY_BRACKETS.sub("", _text(el, _PMC_SKIP)))
+        text = normalize(_jats_text(el))
         if text:
             paragraphs.append(text)
 

@@ -2,7 +2,11 @@
 
     biobert prep INPUT... --output-dir DIR --vocab VOCAB [--lower-case|--cased] [--seq-len 128|512]
         [--max-predictions N] [--dupe-factor N] [--num-shards N] [--workers N] [--seed N] [--dynamic-masking]
-        [--skip-bad-files]
+        [--validation-fraction F] [--skip-bad-files]
+
+A seeded fraction of the documents (--validation-fraction, default 1%, at least one document once the corpus has
+MIN_DOCS_FOR_VALIDATION) is held out: DIR/validation/ gets its own shards (one copy, static masks), listed with their
+checksums under "validation" in manifest.json, and the held-out document ids in DIR/validation/documents.txt.
 
 Runs on one node with a process pool (--workers) and across nodes with `mpirun -n N biobert prep ...` (mpi4py; the
 output directory must be on a shared filesystem). The output depends only on the inputs, settings and seed.
@@ -26,13 +30,23 @@ from tqdm import tqdm
 
 from biobert.config import option, parse
 from biobert.errors import run
+from biobert.files import atomic_write
 from data_prep import contract, shards
 from data_prep.extract import DataError, find_inputs
 from data_prep.instances import InstanceConfig
 from data_prep.wordpiece import load_wordpiece
-from data_prep.work import WorkSettings, group_files, process_group, reset_work_dir
+from data_prep.work import (
+    WorkSettings,
+    group_files,
+    held_out_names,
+    process_group,
+    reset_work_dir,
+    validation_block,
+    validation_plan,
+)
 
-TOOL_VERSION = "biobert-data-prep 0.1.0"
+TOOL_VERSION = "biobert-data-prep 0.2.0"
+MIN_DOCS_FOR_VALIDATION = 4  # below this a held-out document would take too much from training; none is forced
 log = logging.getLogger("data_prep")
 
 
@@ -56,6 +70,8 @@ class PrepConfig:
     workers: int | None = option(None, "processes per node (default: every core; one per rank under mpirun)")
     seed: int = option(12345, "seed: the output bytes depend only on inputs, settings and seed")
     dynamic_masking: bool = option(False, "store unmasked ids (smaller shards); the loader masks anew each epoch")
+    validation_fraction: float = option(0.01, "documents held out for validation (seeded by document id; at least "
+                                              "one once the corpus has 4); 0 = none")
     whole_word_masking: bool = option(False, "mask whole words (all their WordPiece pieces) together")
     skip_bad_files: bool = option(False, "log unreadable inputs and go on without them")
     block_docs: int = option(2000, "documents per instance block (NSP random sentences come from the same block)")
@@ -76,6 +92,8 @@ class PrepConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.num_shards is not None and self.num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {self.num_shards}")
+        if not 0.0 <= self.validation_fraction <= 0.5:
+            raise ValueError(f"validation_fraction must be in [0, 0.5], got {self.validation_fraction}")
         self.instance_config()  # validates seq_len, max_predictions, probabilities
 
     @property
@@ -247,7 +265,8 @@ def _build(cfg: PrepConfig, t0: float, cluster: _Cluster, workers: _Workers, fil
     # vocab and lower_case exactly as loaded above: the same load_wordpiece cache key, so no second load
     settings = WorkSettings(vocab=str(cfg.vocab), lower_case=cfg.lower_case, instance=cfg.instance_config(),
                             seed=cfg.seed, dupe_factor=cfg.dupe_factor, block_docs=cfg.block_docs,
-                            block_sentences=cfg.block_sentences, skip_bad_files=cfg.skip_bad_files)
+                            block_sentences=cfg.block_sentences, skip_bad_files=cfg.skip_bad_files,
+                            validation_fraction=cfg.validation_fraction)
     groups = group_files(files, int(cfg.group_mb * 2**20))
     owner = _assign([sum(f.stat().st_size for f in g) for g in groups], cluster.size)
     mine = [(process_group, i, [str(f) for f in g], settings, str(work_dir))
@@ -256,10 +275,13 @@ def _build(cfg: PrepConfig, t0: float, cluster: _Cluster, workers: _Workers, fil
     if error:
         raise DataError(error)
     results = sorted((r for rs in results for r in rs), key=lambda r: r.group)
+    results = _hold_out_at_least_one(cfg, cluster, workers, groups, owner, settings, work_dir, results, show)
     blocks = [b for r in results for b in r.blocks]
     for key in ("docs", "sentences", "tokens"):
         summary[key] = sum(getattr(r, key) for r in results)
     summary["skipped_files"] = [s for r in results for s in r.skipped]
+    held = [h for r in results for h in r.held_out]
+    val_blocks = _validation_blocks(cluster, workers, held, settings, work_dir, show)
     total = sum(b.samples for b in blocks)
     if total == 0:
         raise DataError(f"no pretraining instances from {len(files)} input file(s): no document had any text")
@@ -290,6 +312,10 @@ def _build(cfg: PrepConfig, t0: float, cluster: _Cluster, workers: _Workers, fil
         for info in rank_written:
             all_infos[int(info.file.split("-")[1])] = info
     summary.update(instances=total, shards=num_shards, reused_shards=reused)
+    validation = _validation_shards(cfg, cluster, workers, held, val_blocks, attrs, fp, show)
+    if validation is not None:
+        summary["validation"] = {k: v for k, v in asdict(validation).items() if k != "shards"} | {
+            "shards": len(validation.shards)}
 
     if cluster.rank == 0:
         manifest = contract.Manifest(
@@ -298,14 +324,88 @@ def _build(cfg: PrepConfig, t0: float, cluster: _Cluster, workers: _Workers, fil
             tool_version=TOOL_VERSION,
             settings=dict(fingerprint=fp, dupe_factor=cfg.dupe_factor, masked_lm_prob=cfg.masked_lm_prob,
                           short_seq_prob=cfg.short_seq_prob, whole_word_masking=cfg.whole_word_masking,
-                          inputs=[str(f) for f in files],
-                          summary={k: summary[k] for k in ("docs", "sentences", "tokens", "instances")}),
+                          inputs=[str(f) for f in files], validation_fraction=cfg.validation_fraction,
+                          summary={k: summary[k] for k in ("docs", "sentences", "tokens", "instances", "validation")
+                                   if k in summary}),
             shards=[all_infos[k] for k in range(num_shards)],
+            validation=validation,
         )
         shards.finish(str(out), manifest)
         shutil.rmtree(work_dir)
     cluster.barrier()
     return _finish_summary(summary, t0, cluster)
+
+
+def _hold_out_at_least_one(cfg, cluster, workers, groups, owner, settings, work_dir, results, show):
+    """The corpus-wide rule "at least one validation document once there are MIN_DOCS_FOR_VALIDATION": when the
+    seeded scores held out none, the training document with the lowest score is held out, by redoing its group
+    (every rank decides alike from the gathered results, the group's owner redoes it)."""
+    if cfg.validation_fraction <= 0 or any(r.held_out for r in results):
+        return results
+    if sum(r.docs for r in results) < MIN_DOCS_FOR_VALIDATION:
+        return results
+    candidates = [(r.first_kept, r.group) for r in results if r.first_kept is not None]
+    (_, doc_id), group = min(candidates)
+    task = [(process_group, group, [str(f) for f in groups[group]], settings, str(work_dir), frozenset({doc_id}))]
+    redone, error = _collective(lambda: workers.run(task if owner[group] == cluster.rank else [], "hold-out", show),
+                                cluster)
+    if error:
+        raise DataError(error)
+    (new,) = [r for rs in redone for r in rs]
+    return [new if r.group == group else r for r in results]
+
+
+def _validation_blocks(cluster, workers, held, settings, work_dir, show):
+    """Held-out documents -> validation instance blocks, split over ranks by block index."""
+    if not held:
+        return []
+    plan = validation_plan(held, settings.block_docs, settings.block_sentences)
+    mine = [(validation_block, i, [(held[k], lo, hi) for k, lo, hi in pieces], settings, str(work_dir))
+            for i, pieces in enumerate(plan) if i % cluster.size == cluster.rank]
+    made, error = _collective(lambda: workers.run(mine, "validation", show), cluster)
+    if error:
+        raise DataError(error)
+    return sorted((b for part in made for b in part), key=lambda b: b.prefix)
+
+
+def _validation_shards(cfg, cluster, workers, held, val_blocks, attrs, fp, show) -> contract.ValidationSplit | None:
+    """DIR/validation/: shards of the held-out documents (one per 65,536 instances, any rank writes any)."""
+    total = sum(b.samples for b in val_blocks)
+    if total == 0:
+        return None
+    out = Path(cfg.output_dir) / contract.VALIDATION_DIR
+    n = max(1, math.ceil(total / 65536))
+    ordered = shards.block_order(val_blocks, cfg.seed, stream=1)
+    todo, infos = [], {}
+    for k in range(n):
+        if k % cluster.size != cluster.rank:
+            continue
+        done = shards.completed_shard(str(out), k, n, fp)
+        if done is not None:
+            infos[k] = done
+        else:
+            todo.append((shards.build_shard, str(out), k, n, ordered, cfg.seed, "static", attrs, fp, 1))
+    written, error = _collective(lambda: workers.run(todo, "validation shards", show), cluster)
+    if error:
+        raise DataError(error)
+    for part in cluster.allgather(infos):
+        infos.update(part)
+    for info in (i for rank_written in written for i in rank_written):
+        infos[int(info.file.split("-")[1])] = info
+    names = held_out_names(held)
+    if cluster.rank == 0:
+        atomic_write(out / contract.VALIDATION_DOCS, "".join(name + "\n" for name in names))
+    for info in infos.values():
+        if not info.file.startswith(contract.VALIDATION_DIR + "/"):
+            info.file = f"{contract.VALIDATION_DIR}/{info.file}"
+    if len(names) == 1 and cluster.rank == 0:
+        log.warning("only one document is held out for validation: its NSP accuracy says little (random next "
+                    "sentences need other documents); raise --validation-fraction for a larger corpus")
+    return contract.ValidationSplit(
+        fraction=cfg.validation_fraction, documents=len(names), sentences=sum(h.sentences for h in held),
+        tokens=sum(h.tokens for h in held), instances=total, masking="static",
+        documents_sha256=hashlib.sha256("".join(name + "\n" for name in names).encode()).hexdigest(),
+        shards=[infos[k] for k in range(n)])
 
 
 def _collective(fn, cluster: _Cluster):
@@ -325,7 +425,9 @@ def _finish_summary(summary: dict, t0: float, cluster: _Cluster, up_to_date: boo
                    up_to_date=up_to_date)
     if cluster.rank == 0:
         note = " (already complete, nothing to do)" if up_to_date else ""
-        print(f"data_prep: {summary['docs']} docs, {summary['sentences']} sentences, {summary['tokens']} tokens, "
+        val = summary.get("validation")
+        held = f" ({val['documents']} held out for validation: {val['instances']} instances)" if val else ""
+        print(f"data_prep: {summary['docs']} docs{held}, {summary['sentences']} sentences, {summary['tokens']} tokens, "
               f"{summary['instances']} instances, {summary['shards']} shards in {seconds:.1f} s "
               f"({summary['tokens'] / max(seconds, 1e-9):,.0f} tokens/s) -> {summary['output_dir']}{note}")
         for s in summary["skipped_files"]:

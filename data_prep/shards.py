@@ -25,9 +25,10 @@ def shard_name(index: int, num_shards: int) -> str:
     return f"shard-{index:05d}-of-{num_shards:05d}{contract.SHARD_SUFFIX}"
 
 
-def block_order(blocks: list[Block], seed: int) -> list[Block]:
-    """Blocks in the global order: shuffled so neighbouring shards do not all come from neighbouring files."""
-    perm = np.random.default_rng([seed, 0x5EED]).permutation(len(blocks))
+def block_order(blocks: list[Block], seed: int, stream: int = 0) -> list[Block]:
+    """Blocks in the global order: shuffled so neighbouring shards do not all come from neighbouring files.
+    ``stream`` 1 = the validation split (its own random stream; 0 keeps the training order of earlier versions)."""
+    perm = np.random.default_rng([seed, 0x5EED, *([stream] if stream else [])]).permutation(len(blocks))
     return [blocks[i] for i in perm]
 
 
@@ -68,12 +69,12 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], masking: str, attrs: 
 
 
 def build_shard(out_dir: str, k: int, num_shards: int, ordered: list[Block], seed: int, masking: str, attrs: dict,
-                fingerprint: str) -> contract.ShardInfo:
+                fingerprint: str, stream: int = 0) -> contract.ShardInfo:
     """Shard k: gather its rows, shuffle them (seeded by k), write, and leave the sidecar."""
     total = sum(b.samples for b in ordered)
     lo, hi = shard_ranges(total, num_shards)[k]
     arrays = gather_rows(ordered, lo, hi, list(contract.schema_for(masking)))
-    perm = np.random.default_rng([seed, 0x5A4D, k]).permutation(hi - lo)
+    perm = np.random.default_rng([seed, 0x5A4D, k, *([stream] if stream else [])]).permutation(hi - lo)
     for n in arrays:  # one array at a time: peak memory stays ~1x the shard
         arrays[n] = arrays[n][perm]
     path = Path(out_dir) / shard_name(k, num_shards)
@@ -113,44 +114,62 @@ def start_run(out_dir: str, fingerprint: str) -> None:
     except (FileNotFoundError, ValueError):
         old = None
     if old is not None and old.settings.get("fingerprint") == fingerprint:
-        for info in old.shards:
+        for info in old.shards + (old.validation.shards if old.validation else []):
+            # sidecars hold the name within its directory, as build_shard writes it
             atomic_write(_sidecar(out / info.file),
-                                       json.dumps({"fingerprint": fingerprint, "shard": asdict(info)}))
+                         json.dumps({"fingerprint": fingerprint, "shard": {**asdict(info), "file": Path(info.file).name}}))
     (out / contract.MANIFEST_NAME).unlink(missing_ok=True)
-    for f in out.glob(f"shard-*-of-*{contract.SHARD_SUFFIX}"):
-        side = _sidecar(f)
-        try:
-            ok = json.loads(side.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
-        except (OSError, ValueError):
-            ok = False
-        if not ok:
+    for d in _shard_dirs(out):
+        for f in d.glob(f"shard-*-of-*{contract.SHARD_SUFFIX}"):
+            side = _sidecar(f)
+            try:
+                ok = json.loads(side.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
+            except (OSError, ValueError):
+                ok = False
+            if not ok:
+                f.unlink()
+                side.unlink(missing_ok=True)
+        for f in d.glob(f".shard-*{contract.SHARD_SUFFIX}.*.tmp"):  # left by a killed run
             f.unlink()
-            side.unlink(missing_ok=True)
-    for f in out.glob(f".shard-*{contract.SHARD_SUFFIX}.tmp-*"):  # left by a killed run
-        f.unlink()
+
+
+def _shard_dirs(out: Path) -> list[Path]:
+    """The training shard directory and, when present, its validation subdirectory."""
+    return [out] + ([out / contract.VALIDATION_DIR] if (out / contract.VALIDATION_DIR).is_dir() else [])
 
 
 def abandon_run(out_dir: str) -> None:
     """After a reported failure, remove this run's shards: readers accept manifest-less directories of NVIDIA
     shards, so finished shards of a failed run must not stay behind. (A killed run cannot do this; its shards
     keep their hidden sidecars, which mark the directory as an unfinished data_prep run.)"""
-    out = Path(out_dir)
-    for f in out.glob(f"shard-*-of-*{contract.SHARD_SUFFIX}"):
-        f.unlink()
-    for f in out.glob(f".shard-*{contract.SHARD_SUFFIX}.done.json"):
-        f.unlink()
+    for d in _shard_dirs(Path(out_dir)):
+        for f in d.glob(f"shard-*-of-*{contract.SHARD_SUFFIX}"):
+            f.unlink()
+        for f in d.glob(f".shard-*{contract.SHARD_SUFFIX}.done.json"):
+            f.unlink()
+        (d / contract.VALIDATION_DOCS).unlink(missing_ok=True)
+    _remove_if_empty(Path(out_dir) / contract.VALIDATION_DIR)
+
+
+def _remove_if_empty(d: Path) -> None:
+    if d.is_dir() and not any(d.iterdir()):
+        d.rmdir()
 
 
 def finish(out_dir: str, manifest: contract.Manifest) -> None:
     """Write the manifest (the directory now looks complete), then drop sidecars and stale shards."""
     out = Path(out_dir)
     manifest.save(out)
-    keep = {s.file for s in manifest.shards}
-    for f in out.glob(f".shard-*{contract.SHARD_SUFFIX}.done.json"):
-        f.unlink()
-    for f in out.glob(f"shard-*-of-*{contract.SHARD_SUFFIX}"):
-        if f.name not in keep:  # from an earlier run with another --num-shards
+    keep = {s.file for s in manifest.shards + (manifest.validation.shards if manifest.validation else [])}
+    for d in _shard_dirs(out):
+        for f in d.glob(f".shard-*{contract.SHARD_SUFFIX}.done.json"):
             f.unlink()
+        for f in d.glob(f"shard-*-of-*{contract.SHARD_SUFFIX}"):
+            if f.relative_to(out).as_posix() not in keep:  # from an earlier run with other settings
+                f.unlink()
+    if manifest.validation is None:  # a run without a split leaves no stale one behind
+        (out / contract.VALIDATION_DIR / contract.VALIDATION_DOCS).unlink(missing_ok=True)
+        _remove_if_empty(out / contract.VALIDATION_DIR)
 
 
 def up_to_date(out_dir: str, fingerprint: str) -> contract.Manifest | None:
@@ -161,8 +180,12 @@ def up_to_date(out_dir: str, fingerprint: str) -> contract.Manifest | None:
         return None
     if manifest.settings.get("fingerprint") != fingerprint:
         return None
-    for s in manifest.shards:
+    for s in manifest.shards + (manifest.validation.shards if manifest.validation else []):
         p = Path(out_dir) / s.file
         if not p.is_file() or contract.sha256_file(p) != s.sha256:
+            return None
+    if manifest.validation is not None and manifest.validation.documents_sha256 is not None:
+        docs = Path(out_dir) / contract.VALIDATION_DIR / contract.VALIDATION_DOCS
+        if not docs.is_file() or contract.sha256_file(docs) != manifest.validation.documents_sha256:
             return None
     return manifest

@@ -4,6 +4,7 @@
 
 Exit 0 only when the manifest and every shard check out: checksums, datasets, dtypes, shapes, ids within the
 vocab, padding, segment ids, prediction slots (positions inside the sequence, sorted, unique, unused = 0).
+The validation split (format 2) is checked the same way, plus its document list against the recorded hash.
 Reads shards in chunks, so memory stays small for any shard size.
 """
 
@@ -31,6 +32,7 @@ class Report:
     predictions: int = 0
     random_next: int = 0
     shards: int = 0
+    validation: Report | None = None  # the held-out split's own figures
 
     @property
     def ok(self) -> bool:
@@ -61,7 +63,34 @@ def validate(shard_dir: str | Path, vocab: str | Path | None = None) -> Report:
     for info in m.shards:
         _check_shard(d / info.file, info, m, rep)
         rep.shards += 1
+    vm = m.validation_manifest()
+    if vm is not None:
+        rep.validation = Report()
+        for info in vm.shards:
+            _check_shard(d / info.file, info, vm, rep.validation)
+            rep.validation.shards += 1
+        rep.errors += rep.validation.errors
+        _check_split(d, m, rep)
     return rep
+
+
+def _check_split(d: Path, m: contract.Manifest, rep: Report) -> None:
+    """The held-out split against its own record: totals, document list, and no file shared with training."""
+    v = m.validation
+    where = d / contract.MANIFEST_NAME
+    if sum(s.samples for s in v.shards) != v.instances:
+        rep.errors.append(f"{where}: validation shards hold {sum(s.samples for s in v.shards)} samples, the split "
+                          f"records {v.instances} instances")
+    if {s.file for s in v.shards} & {s.file for s in m.shards}:
+        rep.errors.append(f"{where}: a validation shard is also listed as a training shard")
+    docs = d / contract.VALIDATION_DIR / contract.VALIDATION_DOCS
+    if v.documents_sha256 is not None:
+        if not docs.is_file():
+            rep.errors.append(f"{docs}: missing (the held-out document ids)")
+        else:
+            names = docs.read_text(encoding="utf-8").splitlines()
+            if contract.sha256_file(docs) != v.documents_sha256 or len(names) != v.documents:
+                rep.errors.append(f"{docs}: does not match the manifest's validation split ({v.documents} documents)")
 
 
 def _check_shard(path: Path, info: contract.ShardInfo, m: contract.Manifest, rep: Report) -> None:
@@ -161,6 +190,10 @@ def main(cfg: ValidateConfig) -> Report:
     print(f"{cfg.shard_dir}: {s['shards']} shards, {s['samples']} samples, {s['tokens']} tokens "
           f"(mean {s['mean_fill']:.1f}/sample), mask rate {s['mask_rate']:.4f}, "
           f"NSP random-next {s['nsp_random_fraction']:.3f}")
+    if rep.validation is not None:
+        v = rep.validation.stats()
+        print(f"{cfg.shard_dir}: validation split: {v['shards']} shards, {v['samples']} samples, {v['tokens']} tokens, "
+              f"mask rate {v['mask_rate']:.4f}")
     for e in rep.errors:
         print(f"error: {e}", file=sys.stderr)
     print("OK" if rep.ok else f"FAILED: {len(rep.errors)} problem(s)")

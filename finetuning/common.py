@@ -68,6 +68,48 @@ def subsample(items: Sequence, n: int | None, seed: int) -> list:
     return [items[i] for i in keep]
 
 
+def split_off_test(items: Sequence, fraction: float, seed: int, labels: Sequence | None = None) -> tuple[list, list]:
+    """(kept, held out): a seeded ``fraction`` of ``items`` (at least one), stratified by ``labels`` when given, both in
+    their original order. For a task without a test split: its test comes from train, never from dev (dev picks the
+    epoch, so a dev score is not a test score)."""
+    groups: dict = {}
+    for i, lab in enumerate(labels if labels is not None else [None] * len(items)):
+        groups.setdefault(lab, []).append(i)
+    rng = random.Random(f"test-holdout:{seed}")
+    held: set[int] = set()
+    for key in sorted(groups, key=str):
+        idx = groups[key]
+        held.update(rng.sample(idx, round(len(idx) * fraction)))
+    if not held and items:
+        held.add(rng.randrange(len(items)))
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def held_out_source(path, fraction: float, seed: int, unit: str, stratified: bool = False) -> str:
+    how = ", stratified by label" if stratified else ""
+    return f"{Path(path).name}: {fraction:.0%} of its {unit} held out as test (seed {seed}{how}); train is the rest"
+
+
+def headline(metrics: dict, keys: Sequence[str]) -> tuple[dict, str]:
+    """The scores to report and which split they are from: "test" (a test split, a held-out part of train, or the
+    cross-validation folds' mean), else "dev" (dev-only: also what chose the epoch, so never to be read as test), else
+    "none"."""
+    if all(k in metrics for k in keys):
+        return {k: metrics[k] for k in metrics if k.split("_std")[0] in keys}, "test"
+    if isinstance(metrics.get("dev"), dict) and all(k in metrics["dev"] for k in keys):
+        return {k: metrics["dev"][k] for k in keys}, "dev"
+    return {}, "none"
+
+
+def no_test_note(data_dir) -> str:
+    return (f"{data_dir} has no test split and --test-holdout is 0: no test score (dev scores, which also chose the "
+            "epoch, are under 'dev')")
+
+
 
 def results_line(task: str, metrics: dict, keys: Sequence[str]) -> str:
-    return f"RESULT {task}: " + " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+    if any(k in metrics for k in keys):
+        return f"RESULT {task}: " + " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+    dev = metrics.get("dev") or {}
+    return (f"RESULT {task}: no test score; dev only (it also chose the epoch): "
+            + " ".join(f"{k}={dev[k]:.4f}" for k in keys if k in dev))

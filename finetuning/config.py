@@ -27,6 +27,8 @@ class FinetuneConfig:
     select_on_dev: bool = option(True, "score dev after every epoch and keep the best epoch's weights (when there "
                                        "is a dev split)")
     do_predict: bool = option(True, "predict the test split and write metrics.json + predictions")
+    test_holdout: float = option(0.1, "when the task has no test split: this fraction of train (seeded by --seed; RE: "
+                                      "stratified by label) is held out as the test set; 0 = report no test score")
     max_seq_len: int = option(128, "subword tokens per model input, [CLS] and [SEP] included",
                               aliases=["--max_seq_length"])
     batch_size: int = option(32, "training examples per optimizer step, per device",
@@ -68,6 +70,8 @@ class FinetuneConfig:
             raise ValueError("adam_epsilon must be > 0, weight_decay and max_grad_norm >= 0")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError("zero_stage must be 0, 1 or 2 (fine-tuned models are small; ZeRO-3 is not needed)")
+        if not 0 <= self.test_holdout < 1:
+            raise ValueError(f"test_holdout must be in [0, 1), got {self.test_holdout}")
         if not (self.do_train or self.do_eval or self.do_predict):
             raise ValueError("nothing to do: give at least one of --do-train/--do-eval/--do-predict")
 
@@ -120,7 +124,9 @@ class QAConfig(FinetuneConfig):
                              aliases=["--per_device_train_batch_size"])
     learning_rate: float = option(5e-6, "peak learning rate of AdamW", aliases=["--lr"])
     epochs: float = option(3.0, "passes over the training data", aliases=["--num_train_epochs"])
-    holdout_fraction: float = option(0.2, "questions held out as test when the data has no test file")
+    test_holdout: float = option(0.2, "when the data has no test file: this fraction of the train questions is held "
+                                      "out as the test set (seeded by --seed); 0 = report no test score",
+                                 aliases=["--holdout-fraction"])
     eval_snippets_per_question: int | None = option(None, "limit the snippets scored per question")
 
     def __post_init__(self) -> None:
@@ -130,8 +136,6 @@ class QAConfig(FinetuneConfig):
         if not 0 < self.doc_stride < self.max_seq_len - self.max_query_len - 3:
             raise ValueError("doc_stride (tokens shared by neighbouring windows) must be in (0, max_seq_len - "
                              "max_query_len - 3): each window must move forward")
-        if not 0 < self.holdout_fraction < 1:
-            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
 
 
 TASK_CONFIGS = {"ner": NERConfig, "re": REConfig, "qa": QAConfig}

@@ -1,8 +1,9 @@
 """Biomedical NER fine-tuning: ``biobert ner --model DIR --data DIR --output-dir OUT``.
 
 DATA holds train/devel/test .tsv (token<TAB>label or CoNLL columns). Writes OUT/metrics.json (test entity P/R/F1
-with conlleval semantics, per type; dev scores under "dev"), OUT/{dev,test}_predictions.tsv in the input format, and
-the fine-tuned model as an HF directory OUT/model.
+with conlleval semantics, per type; dev scores under "dev"; the headline P/R/F1 only ever from a test set: the test
+file, or without one a seeded held-out part of train (--test-holdout), named in "test_source"),
+OUT/{dev,test}_predictions.tsv (`token ... gold pred`, conlleval's layout) and the fine-tuned model OUT/model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,17 @@ import numpy as np
 from biobert.config import parse
 from biobert.errors import UserError, run
 from biobert.files import atomic_write, atomic_write_json
-from finetuning.common import find_split, load_tokenizer, require_data_dir, results_line, subsample, trained_labels
+from finetuning.common import (
+    find_split,
+    held_out_source,
+    load_tokenizer,
+    no_test_note,
+    require_data_dir,
+    results_line,
+    split_off_test,
+    subsample,
+    trained_labels,
+)
 from finetuning.config import NERConfig, to_dict
 from finetuning.heads import BertForTokenClassification, load_head, resolve_model
 from finetuning.metrics import ner_scores
@@ -66,14 +77,31 @@ def _read(path, cfg: NERConfig, limit: int | None) -> NERFile | None:
     return f
 
 
+def _test_from_train(train: NERFile, cfg: NERConfig) -> NERFile:
+    """Hold out a seeded part of train's sentences as the test set (before any subsampling of train)."""
+    train.sentences, held = split_off_test(train.sentences, cfg.test_holdout, cfg.seed)
+    test = NERFile(held_out_source(train.path, cfg.test_holdout, cfg.seed, "sentences"), held, train.scheme,
+                   all_labels=train.all_labels)
+    test.sentences = subsample(test.sentences, cfg.max_eval_examples, cfg.seed)
+    return test
+
+
 def main(cfg: NERConfig) -> dict:
     rt = setup_runtime(cfg)
     data = require_data_dir(cfg.data)
     model_dir = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_dir)
-    train = _read(find_split(data, "train", EXTS), cfg, cfg.max_train_examples) if cfg.do_train else None
+    test_path = find_split(data, "test", EXTS)
+    held_out = test_path is None and cfg.do_predict and cfg.test_holdout > 0
+    train = _read(find_split(data, "train", EXTS), cfg, None) if cfg.do_train or held_out else None
     dev = _read(find_split(data, "dev", EXTS), cfg, cfg.max_eval_examples)
-    test = _read(find_split(data, "test", EXTS), cfg, cfg.max_eval_examples) if cfg.do_predict else None
+    test = _read(test_path, cfg, cfg.max_eval_examples) if cfg.do_predict else None
+    if held_out and train is not None:
+        test = _test_from_train(train, cfg)
+    if train is not None:
+        train.sentences = subsample(train.sentences, cfg.max_train_examples, cfg.seed)
+        if not cfg.do_train:
+            train = None
     if cfg.do_train and train is None:
         raise UserError(f"{data}: no train file ({', '.join('train' + e for e in EXTS)}) for --do-train")
     if train is not None:
@@ -87,7 +115,8 @@ def main(cfg: NERConfig) -> dict:
             task.check_types(f)
     model = load_head(model_dir, BertForTokenClassification, labels)
 
-    metrics: dict = {"task": "ner", "labels": labels}
+    metrics: dict = {"task": "ner", "labels": labels,
+                     "test_source": test.path if test is not None else None}
     if cfg.do_train:
         feats, _ = task.features(train, with_labels=True)
         use_dev = dev is not None and cfg.do_eval and cfg.select_on_dev
@@ -101,8 +130,10 @@ def main(cfg: NERConfig) -> dict:
         metrics[name] = scores
         if rt.is_main:
             atomic_write(cfg.output_path(f"{name}_predictions.tsv"), conll_text(f, pred))
-    final = metrics.get("test") or metrics.get("dev") or {}
+    final = metrics.get("test") or {}  # a dev score (it also chose the epoch) is never the headline
     metrics.update({k: final[k] for k in ("precision", "recall", "f1", "per_type") if k in final})
+    if "test" not in metrics and cfg.do_predict:
+        metrics["no_test_score"] = no_test_note(data)
     metrics["config"] = to_dict(cfg)
     if rt.is_main:
         if cfg.do_train and cfg.save_model:

@@ -146,18 +146,34 @@ def convert_tags(tags: Sequence[str], scheme: str) -> list[str]:
 
 
 def conll_text(ner_file: NERFile, predicted_iob2: Sequence[Sequence[str]]) -> str:
-    """The input file's text with every label replaced by the prediction, in the file's own tag scheme."""
-    out = []
+    """Predictions in conlleval's layout: each input line's columns (the token first), then the gold and the predicted
+    tag, in the file's own tag scheme, separated by single spaces (conlleval's default delimiter; whitespace inside a
+    column becomes "_"); a blank line between sentences; a -DOCSTART- line padded with "O" to the same column count.
+    ``perl conlleval.pl < test_predictions.tsv`` scores it as metrics.json does."""
+    body, width = [], 0
     for s, pred in zip(ner_file.sentences, predicted_iob2, strict=True):
         if len(pred) != len(s.tokens):
             raise ValueError(f"{ner_file.path}:{s.first_line}: {len(pred)} predictions for {len(s.tokens)} tokens")
-        for line in s.before:  # CoNLL layout: a document marker is its own block
-            out.extend([line, ""])
-        out.extend(p + t for p, t in zip(s.prefixes, convert_tags(pred, ner_file.scheme)))
+        rows = [[*_columns(p), g, t] for p, g, t in zip(s.prefixes, s.tags, convert_tags(pred, ner_file.scheme))]
+        width = max(width, *map(len, rows))
+        body.append((s.before, rows))
+    out = []
+    for before, rows in body:
+        for line in before:  # CoNLL layout: a document marker is its own block
+            cols = _columns(line)
+            out.extend([" ".join(cols + ["O"] * (width - len(cols))), ""])
+        out.extend(" ".join(r) for r in rows)
         out.append("")
     for line in ner_file.trailing:
-        out.extend([line, ""])
+        cols = _columns(line)
+        out.extend([" ".join(cols + ["O"] * (width - len(cols))), ""])
     return "\n".join(out) + "\n"
+
+
+def _columns(text: str) -> list[str]:
+    """A line's columns (tab- or whitespace-separated, as read), whitespace inside a column made "_"."""
+    parts = text.rstrip("\t").split("\t") if "\t" in text else text.split()
+    return [re.sub(r"\s+", "_", c.strip()) or "_" for c in parts]
 
 
 # ---------------------------------------------------------------------------------------------------------- encoding

@@ -1,9 +1,12 @@
 """BioASQ factoid QA fine-tuning: ``biobert qa --model DIR --data DIR --output-dir OUT``.
 
-DATA holds train/dev/test .json in SQuAD v1 format (one snippet per paragraph); a directory with a single JSON is split
-by question (``--holdout-fraction``). A model directory that already has ``qa_outputs`` weights (e.g. fine-tuned on
-SQuAD first, as BioBERT did) keeps them. Writes OUT/metrics.json (strict/lenient accuracy and MRR over the top 5 per
-question, SQuAD EM/F1 per snippet), OUT/{split}_predictions.json, _nbest.json, _bioasq.json (submission), OUT/model.
+DATA holds train/dev/test .json in SQuAD v1 format (one snippet per paragraph); without a test file (a directory with
+a single JSON, or train.json without test.json) a seeded part of the train questions is the test set
+(``--test-holdout``, named in metrics.json "test_source"; 0: no test score, never a dev score as the headline). A model
+directory that already has ``qa_outputs`` weights (e.g. fine-tuned on SQuAD first, as BioBERT did) keeps them. Writes
+OUT/metrics.json (strict/lenient accuracy and MRR over the top 5 per question, SQuAD EM/F1 per snippet),
+OUT/{split}_predictions.json (ranked answers), _predictions.tsv (gold answers beside the ranked predictions, rank of the
+first correct one), _nbest.json, _bioasq.json (submission), OUT/model.
 ``--max-train-examples``/``--max-eval-examples`` count questions here.
 """
 
@@ -15,9 +18,9 @@ from pathlib import Path
 
 from biobert.config import parse
 from biobert.errors import UserError, run
-from biobert.files import atomic_write_json
+from biobert.files import atomic_write, atomic_write_json
 from finetuning.bioasq import predictions_to_bioasq
-from finetuning.common import find_split, load_tokenizer, require_data_dir, results_line, subsample
+from finetuning.common import find_split, load_tokenizer, no_test_note, require_data_dir, results_line, subsample
 from finetuning.config import QAConfig, to_dict
 from finetuning.heads import BertForQuestionAnswering, checkpoint_keys, load_head, resolve_model
 from finetuning.metrics import bioasq_factoid_scores, squad_exact, squad_f1
@@ -78,11 +81,28 @@ def load_splits(cfg: QAConfig, data: Path) -> dict[str, tuple[list[QAExample], s
         files = sorted(data.glob("*.json"))
         if len(files) != 1:
             raise FileNotFoundError(f"{data}: expected train.json (+ dev/test.json) or exactly one SQuAD-format JSON")
-        train, held = holdout_split(read_squad(files[0]), cfg.holdout_fraction, cfg.seed)
-        splits["train"] = (train, str(files[0]))
-        splits["test"] = (held, f"{files[0]} (held-out {cfg.holdout_fraction:.0%} of questions, seed {cfg.seed})")
+        splits["train"] = (read_squad(files[0]), str(files[0]))
+    if splits["test"] is None and cfg.test_holdout > 0:
+        examples, source = splits["train"]
+        train, held = holdout_split(examples, cfg.test_holdout, cfg.seed)
+        splits["train"] = (train, source)
+        splits["test"] = (held, f"{Path(source).name}: {cfg.test_holdout:.0%} of its questions held out as test "
+                                f"(seed {cfg.seed}); train is the rest")
     limits = {"train": cfg.max_train_examples, "dev": cfg.max_eval_examples, "test": cfg.max_eval_examples}
     return {s: (_questions(v[0], limits[s], cfg.seed), v[1]) if v else None for s, v in splits.items()}
+
+
+def predictions_tsv(ranked: dict, gold: dict) -> str:
+    """One row per question: its gold answers beside the ranked predictions and the rank of the first correct one."""
+    rows = ["question_id\tgold\tpredictions\tfirst_correct_rank"]
+    for qid in sorted(set(ranked) | set(gold)):
+        golds = {a.strip().lower() for a in gold.get(qid, ())}
+        preds = ranked.get(qid, [])
+        rank = next((i + 1 for i, p in enumerate(preds) if p.strip().lower() in golds), "")
+        clean = [" ".join(str(x).split()).replace("|", "/") for x in preds]
+        rows.append(f"{qid}\t{' | '.join(sorted(' '.join(g.split()) for g in gold.get(qid, ())))}\t"
+                    f"{' | '.join(clean)}\t{rank}")
+    return "\n".join(rows) + "\n"
 
 
 def main(cfg: QAConfig) -> dict:
@@ -113,10 +133,15 @@ def main(cfg: QAConfig) -> dict:
         metrics[name] = {**scores, "source": splits[name][1]}
         if rt.is_main:
             atomic_write_json(cfg.output_path(f"{name}_predictions.json"), ranked)
+            atomic_write(cfg.output_path(f"{name}_predictions.tsv"), predictions_tsv(ranked, gold_by_question(
+                splits[name][0])))
             atomic_write_json(cfg.output_path(f"{name}_nbest.json"), {ex.id: spans for ex, spans in zip(splits[name][0], nbest)})
             atomic_write_json(cfg.output_path(f"{name}_bioasq.json"), predictions_to_bioasq(ranked, cfg.top_k))
-    final = metrics.get("test") or metrics.get("dev") or {}
+    final = metrics.get("test") or {}  # a dev score (it also chose the epoch) is never the headline
     metrics.update({k: v for k, v in final.items() if k != "source"})
+    metrics["test_source"] = splits["test"][1] if splits["test"] else None
+    if "test" not in metrics and cfg.do_predict:
+        metrics["no_test_score"] = no_test_note(data)
     metrics["config"] = to_dict(cfg)
     if rt.is_main:
         if cfg.do_train and cfg.save_model:

@@ -2,7 +2,10 @@
 
 DATA holds train/dev/test as BioBERT TSV or marker JSONL. Binary tasks score the positive class, multi-class ones
 the micro average over classes except the negative one. Without a test split, ``--cv-folds K`` runs stratified
-K-fold cross-validation over train (+dev): OUT/folds.json, OUT/fold_K/{train,test}.tsv, per-fold metrics, mean +- std.
+K-fold cross-validation over train (+dev): OUT/folds.json, OUT/fold_K/{train,test}.tsv, per-fold metrics, mean +- std;
+otherwise a seeded, label-stratified part of train is held out as the test set (``--test-holdout``, named in
+metrics.json "test_source"; 0: no test score). The headline P/R/F1 is never a dev score. Predictions:
+OUT/{dev,test}_predictions.tsv with the gold label beside the prediction.
 """
 
 from __future__ import annotations
@@ -16,7 +19,17 @@ import numpy as np
 from biobert.config import parse
 from biobert.errors import UserError, run
 from biobert.files import atomic_write, atomic_write_json
-from finetuning.common import find_split, load_tokenizer, require_data_dir, results_line, subsample, trained_labels
+from finetuning.common import (
+    find_split,
+    held_out_source,
+    load_tokenizer,
+    no_test_note,
+    require_data_dir,
+    results_line,
+    split_off_test,
+    subsample,
+    trained_labels,
+)
 from finetuning.config import REConfig, to_dict
 from finetuning.heads import BertForSequenceClassification, load_head, resolve_model
 from finetuning.metrics import classification_scores
@@ -51,7 +64,9 @@ class RETask:
 
 
 def _predictions_tsv(examples: list[REExample], pred: list[str]) -> str:
-    rows = ["index\tline\tlabel\tprediction"] + [f"{e.guid}\t{e.line}\t{e.label}\t{p}" for e, p in zip(examples, pred)]
+    """One row per example: where it is in its file, the gold label, the prediction, the sentence."""
+    rows = ["index\tline\tgold\tprediction\tsentence"] + [
+        f"{e.guid}\t{e.line}\t{e.label}\t{p}\t{' '.join(e.text.split())}" for e, p in zip(examples, pred)]
     return "\n".join(rows) + "\n"
 
 
@@ -72,7 +87,7 @@ def run_split(cfg: REConfig, rt: Runtime, task: RETask, model_dir, train, dev, t
         from pretraining.model import save_pretrained
 
         save_pretrained(model, os.path.join(out_dir, "model"), tokenizer_dir=model_dir)
-    final = result.get("test") or result.get("dev") or {}
+    final = result.get("test") or {}  # a dev score (it also chose the epoch) is never the headline
     result.update({k: final[k] for k in (*SCORE_KEYS, "accuracy") if k in final})
     return result
 
@@ -90,9 +105,15 @@ def main(cfg: REConfig) -> dict:
     if paths["train"] is None and (cfg.do_train or cfg.cv_folds):
         raise UserError(f"{data}: no train file ({'/'.join(EXTS)})")
     full_train = read_re_file(paths["train"]) if paths["train"] else None
-    train = subsample(full_train, cfg.max_train_examples, cfg.seed) if full_train else None
     dev = _read(paths["dev"], cfg, cfg.max_eval_examples)
     test = _read(paths["test"], cfg, cfg.max_eval_examples) if cfg.do_predict else None
+    test_source = str(paths["test"]) if test else None
+    pool = full_train
+    if test is None and cfg.do_predict and not cfg.cv_folds and cfg.test_holdout > 0 and full_train:
+        pool, held = split_off_test(full_train, cfg.test_holdout, cfg.seed, labels=[e.label for e in full_train])
+        test = subsample(held, cfg.max_eval_examples, cfg.seed)
+        test_source = held_out_source(paths["train"], cfg.test_holdout, cfg.seed, "examples", stratified=True)
+    train = subsample(pool, cfg.max_train_examples, cfg.seed) if pool else None
     if full_train is not None:
         labels = label_set(full_train)  # from the whole file: a subsample may miss a rare class
     else:
@@ -103,7 +124,7 @@ def main(cfg: REConfig) -> dict:
             check_labels(examples, labels, paths[split])
     negative = cfg.negative_label if cfg.negative_label is not None else default_negative(labels)
     task = RETask(cfg, tokenizer, labels, negative)
-    metrics: dict = {"task": "re", "labels": labels, "negative_label": negative}
+    metrics: dict = {"task": "re", "labels": labels, "negative_label": negative, "test_source": test_source}
 
     if cfg.cv_folds:
         pool = train + (dev or [])
@@ -130,6 +151,7 @@ def main(cfg: REConfig) -> dict:
                 atomic_write_json(os.path.join(out, "metrics.json"), result)
                 print(results_line(f"re fold {k}", result, SCORE_KEYS))
         metrics["folds"] = per_fold
+        metrics["test_source"] = f"{cfg.cv_folds}-fold stratified cross-validation over train (+dev), seed {cfg.seed}"
         for key in SCORE_KEYS:
             values = [r[key] for r in per_fold]
             metrics[key] = statistics.fmean(values)
@@ -137,6 +159,8 @@ def main(cfg: REConfig) -> dict:
     else:
         metrics.update(run_split(cfg, rt, task, model_dir, train if cfg.do_train else None, dev, test,
                                  cfg.output_dir, cfg.save_model))
+        if "test" not in metrics and cfg.do_predict:
+            metrics["no_test_score"] = no_test_note(data)
     metrics["config"] = to_dict(cfg)
     if rt.is_main:
         atomic_write_json(cfg.output_path("metrics.json"), metrics)

@@ -17,7 +17,17 @@ from dataclasses import dataclass
 from biobert.config import build, option, parse_suite
 from biobert.errors import run
 from biobert.files import atomic_write, atomic_write_json
+from finetuning.common import headline
 from finetuning.evaluate_all import CONFIGS, SCORES, run_task
+
+
+def run_record(lr: float, seed: int, output_dir: str, metrics: dict, keys: tuple[str, ...]) -> dict:
+    """A run's scores for the table: test scores, or dev scores marked as dev-only when the task has no test."""
+    scores, split = headline(metrics, keys)
+    if split == "none":
+        raise ValueError(f"{output_dir}/metrics.json: no {', '.join(keys)} (a run of another task?)")
+    return {"learning_rate": lr, "seed": seed, "output_dir": output_dir, "split": split,
+            **{k: scores[k] for k in keys}}
 
 
 def aggregate(runs: list[dict], keys: tuple[str, ...]) -> list[dict]:
@@ -34,12 +44,15 @@ def aggregate(runs: list[dict], keys: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], keys: tuple[str, ...]) -> str:
+def markdown(rows: list[dict], keys: tuple[str, ...], split: str = "test") -> str:
     head = "| learning rate | seeds | " + " | ".join(keys) + " |"
     lines = [head, "|" + "---|" * (len(keys) + 2)]
     for r in rows:
         cells = " | ".join(f"{100 * r[k]:.2f} +- {100 * r[k + '_std']:.2f}" for k in keys)
         lines.append(f"| {r['learning_rate']:g} | {len(r['seeds'])} | {cells} |")
+    if split != "test":
+        lines += ["", "DEV ONLY: the task has no test split (and --test-holdout 0): these are dev scores, the same dev "
+                  "set that chose each run's epoch; they are not test scores."]
     return "\n".join(lines) + "\n"
 
 
@@ -61,12 +74,13 @@ def main(cfg: SweepConfig, task_values: dict) -> dict:
             out = os.path.join(base.output_dir, f"lr{lr:g}_seed{seed}")
             run_cfg = dataclasses.replace(base, learning_rate=lr, seed=seed, output_dir=out)
             metrics = run_task(run_cfg, cfg.task)
-            runs.append({"learning_rate": lr, "seed": seed, "output_dir": out, **{k: metrics[k] for k in keys}})
+            runs.append(run_record(lr, seed, out, metrics, keys))
     rows = aggregate(runs, keys)
-    result = {"task": cfg.task, "runs": runs, "table": rows}
+    split = "test" if all(r["split"] == "test" for r in runs) else "dev"
+    result = {"task": cfg.task, "split": split, "runs": runs, "table": rows}
     atomic_write_json(os.path.join(base.output_dir, "sweep.json"), result)
-    atomic_write(os.path.join(base.output_dir, "sweep.md"), markdown(rows, keys))
-    print(markdown(rows, keys))
+    atomic_write(os.path.join(base.output_dir, "sweep.md"), markdown(rows, keys, split))
+    print(markdown(rows, keys, split))
     return result
 
 

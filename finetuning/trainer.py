@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from finetuning.config import FinetuneConfig
 
+CURVE_POINTS = 100  # points of the training-loss curve kept in metrics.json
+
 # ------------------------------------------------------------------------------------------------------------- runtime
 
 
@@ -200,6 +202,7 @@ def fit(
         )
     step, seen, train_time = 0, 0, 0.0
     history, best, best_state, best_epoch = [], None, None, None
+    curve, every, window = [], max(1, total_steps // CURVE_POINTS), []  # the loss curve: ~CURVE_POINTS points a run
     for epoch in range(math.ceil(cfg.epochs)):
         batches = make_batches(lengths, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, bucket=cfg.bucket_by_length)
         mine = batches[rt.rank :: rt.world_size][:per_rank]  # equal step counts on every rank
@@ -226,6 +229,11 @@ def fit(
             step += 1
             seen += len(idx) * rt.world_size
             loss_sum, n_loss = loss_sum + loss.item(), n_loss + 1
+            window.append(loss.item())
+            if step % every == 0 or step == total_steps:
+                curve.append({"step": step, "epoch": round(step / per_rank, 3), "train_loss": sum(window) / len(window),
+                              "lr": sched.get_last_lr()[0]})
+                window = []
             if n_loss % 10 == 0:
                 bar.set_postfix(loss=f"{loss_sum / n_loss:.4f}")
         train_time += time.perf_counter() - t0
@@ -244,6 +252,7 @@ def fit(
         model.load_state_dict(best_state)
     return {
         "history": history,
+        "curve": curve,  # train loss (mean over the steps since the previous point) and lr by step
         "best_epoch": best_epoch or history[-1]["epoch"],
         "steps": step,
         "train_examples_seen": seen,

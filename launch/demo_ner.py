@@ -1,64 +1,54 @@
-"""A small generated NER corpus (disease mentions, IOB2) so the pipeline demo needs nothing outside the project.
+"""The demo's NER data: a small real sample of the NCBI disease corpus, shipped in data_prep/samples/ncbi_disease/
+(source and licence in SOURCE.md there), and the function that cut it from the full corpus, so it can be re-made
+and checked byte for byte:
 
-Sentences come from templates filled with disease names (the entities) and gene names (distractors, tagged O), drawn by an
-explicit seeded rng; some diseases appear only in dev/test so the score measures more than memorisation.
+    python -m launch.demo_ner ../shared/data/ner/NCBI-disease-IOB data_prep/samples/ncbi_disease
+
+Sentences are drawn by a seeded random choice from each split (train/devel/test kept apart, their order kept), whole
+and unchanged: a sample, not a rewrite. The full corpus is far larger (5,424 / 923 / 940 sentences); scores on the
+sample are small-data scores with wide seed-to-seed spread, not the paper's numbers.
 """
 
 from __future__ import annotations
 
+import random
+import sys
 from pathlib import Path
-
-import numpy as np
 
 from biobert.files import atomic_write
 
-DISEASES = [
-    "breast cancer", "type 2 diabetes", "cystic fibrosis", "Huntington disease", "colorectal carcinoma", "hypertension",
-    "asthma", "Alzheimer disease", "myocardial infarction", "rheumatoid arthritis", "Parkinson disease",
-    "sickle cell anemia", "multiple sclerosis", "lung adenocarcinoma", "hepatitis B", "chronic kidney disease",
-    "Crohn disease", "psoriasis", "glioblastoma", "ovarian cancer", "Duchenne muscular dystrophy", "osteoporosis",
-    "hemophilia A", "tuberculosis", "prostate cancer", "atrial fibrillation", "schizophrenia", "melanoma",
-]
-HELD_OUT = {"melanoma", "schizophrenia", "atrial fibrillation", "prostate cancer"}  # never in train
-GENES = ["BRCA1", "TP53", "CFTR", "HTT", "APOE", "IL6", "TNF", "EGFR", "KRAS", "LRRK2", "HBB", "DMD", "F8", "PTEN"]
-TEMPLATES = [
-    "Patients with {D} showed elevated levels of {G} .",
-    "{G} mutations are associated with {D} in this cohort .",
-    "No association between {G} and {D} was observed .",
-    "The prevalence of {D} increased among older adults .",
-    "We studied 120 patients with {D} and 80 healthy controls .",
-    "Expression of {G} was reduced in tissue from {D} patients .",
-    "These findings suggest that {G} contributes to {D} and {D2} .",
-    "Treatment outcomes in {D} did not depend on {G} status .",
-    "Risk of {D} was higher in carriers of the {G} variant .",
-]
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data_prep" / "samples" / "ncbi_disease"
+SIZES = (("train", 400), ("devel", 100), ("test", 200))
+SEED = 13
 
 
-def _sentence(rng: np.random.Generator, diseases: list[str]) -> list[tuple[str, str]]:
-    template = TEMPLATES[rng.integers(len(TEMPLATES))]
-    d1, d2 = rng.choice(diseases, size=2, replace=False)
-    out = []
-    for word in template.split():
-        if word in ("{D}", "{D2}"):
-            parts = (d1 if word == "{D}" else d2).split()
-            out += [(p, ("B-" if i == 0 else "I-") + "Disease") for i, p in enumerate(parts)]
-        elif word == "{G}":
-            out.append((GENES[rng.integers(len(GENES))], "O"))
-        else:
-            out.append((word, "O"))
-    return out
+def sample_dir() -> Path:
+    """The shipped sample (package data of data_prep, so it is there in an installed wheel too)."""
+    import data_prep
+
+    return Path(data_prep.__file__).resolve().parent / "samples" / "ncbi_disease"
 
 
-def write_demo_ner(out_dir: str | Path, seed: int = 0, sizes=(("train", 240), ("devel", 60), ("test", 80))) -> Path:
-    """Writes OUT/{train,devel,test}.tsv (token TAB label, blank line between sentences); returns OUT."""
+def make_sample(src_dir: str | Path, out_dir: str | Path, sizes=SIZES, seed: int = SEED) -> Path:
+    """OUT/{train,devel,test}.tsv: ``n`` sentences of each split of SRC, seeded, in their original order."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    seen = [d for d in DISEASES if d not in HELD_OUT]
     for split, n in sizes:
-        pool = seen if split == "train" else DISEASES
-        lines = []
-        for _ in range(n):
-            lines += [f"{tok}\t{tag}" for tok, tag in _sentence(rng, pool)] + [""]
-        atomic_write(out / f"{split}.tsv", "\n".join(lines))
+        blocks = [b for b in Path(src_dir, f"{split}.tsv").read_text(encoding="utf-8").split("\n\n") if b.strip()]
+        if n > len(blocks):
+            raise ValueError(f"{src_dir}/{split}.tsv has {len(blocks)} sentences, fewer than the {n} asked for")
+        keep = sorted(random.Random(f"{seed}:{split}").sample(range(len(blocks)), n))
+        atomic_write(out / f"{split}.tsv", "\n\n".join(blocks[i].strip("\n") for i in keep) + "\n")
     return out
+
+
+def cli(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m launch.demo_ner NCBI_DISEASE_IOB_DIR OUT_DIR", file=sys.stderr)
+        return 2
+    print(make_sample(*argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -68,15 +68,39 @@ def merge(out_dir: str | Path, parts: int | None = None) -> contract.Manifest | 
     totals: dict[str, int] = {}
     for m in manifests:
         for k, v in m.settings.get("summary", {}).items():
-            totals[k] = totals.get(k, 0) + v
+            if isinstance(v, (int, float)):
+                totals[k] = totals.get(k, 0) + v
+    validation = merge_validation(out, dirs, manifests)
+    if validation is not None:
+        totals["validation"] = {k: v for k, v in vars(validation).items() if k != "shards"} | {
+            "shards": len(validation.shards)}
     merged = contract.Manifest(
         **{k: getattr(first, k) for k in _MUST_AGREE}, seed=first.seed,
         settings=dict(first.settings, merged_from=[d.name for d in dirs], part_seeds=[m.seed for m in manifests],
                       inputs=[i for m in manifests for i in m.settings.get("inputs", [])], summary=totals,
                       fingerprint=None),
-        shards=shards)
+        shards=shards, validation=validation)
     merged.save(out)
     return merged
+
+
+def merge_validation(out: Path, dirs: list[Path], manifests: list[contract.Manifest]):
+    """The parts' validation splits as one (shards by relative path, counts summed, the document lists joined into
+    OUT/validation/documents.txt); None when no part has one."""
+    splits = [(d, m.validation) for d, m in zip(dirs, manifests) if m.validation is not None]
+    if not splits:
+        return None
+    from biobert.files import atomic_write
+
+    names = "".join((d / contract.VALIDATION_DIR / contract.VALIDATION_DOCS).read_text(encoding="utf-8")
+                    for d, v in splits if v.documents_sha256 is not None)
+    docs = out / contract.VALIDATION_DIR / contract.VALIDATION_DOCS
+    atomic_write(docs, names)
+    return contract.ValidationSplit(
+        fraction=splits[0][1].fraction, masking=splits[0][1].masking,
+        **{k: sum(getattr(v, k) for _, v in splits) for k in ("documents", "sentences", "tokens", "instances")},
+        documents_sha256=contract.sha256_file(docs),
+        shards=[contract.ShardInfo(**{**vars(s), "file": f"{d.name}/{s.file}"}) for d, v in splits for s in v.shards])
 
 
 def main(argv: list[str] | None = None) -> int:

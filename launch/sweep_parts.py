@@ -34,7 +34,7 @@ def run_for_index(index: int, lrs: list[float], seeds: list[int]) -> tuple[float
 def collect(out_dir: str | Path, task: str, lrs: list[float], seeds: list[int]) -> dict | None:
     from biobert.files import atomic_write, atomic_write_json
     from finetuning.evaluate_all import SCORES
-    from finetuning.sweep import aggregate, markdown
+    from finetuning.sweep import aggregate, markdown, run_record
 
     out, keys, runs = Path(out_dir), SCORES[task], []
     for lr in lrs:
@@ -44,14 +44,12 @@ def collect(out_dir: str | Path, task: str, lrs: list[float], seeds: list[int]) 
                 metrics = json.loads((run / "metrics.json").read_text())
             except FileNotFoundError:
                 return None
-            missing = [k for k in keys if k not in metrics]
-            if missing:
-                raise ValueError(f"{run / 'metrics.json'}: no {missing} (a {task} run?)")
-            runs.append({"learning_rate": lr, "seed": seed, "output_dir": str(run), **{k: metrics[k] for k in keys}})
+            runs.append(run_record(lr, seed, str(run), metrics, keys))
     rows = aggregate(runs, keys)
-    result = {"task": task, "runs": runs, "table": rows}
+    split = "test" if all(r["split"] == "test" for r in runs) else "dev"
+    result = {"task": task, "split": split, "runs": runs, "table": rows}
     atomic_write_json(out / "sweep.json", result)
-    atomic_write(out / "sweep.md", markdown(rows, keys))
+    atomic_write(out / "sweep.md", markdown(rows, keys, split))
     return result
 
 

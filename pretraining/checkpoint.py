@@ -7,10 +7,13 @@ Layout of ``<output_dir>/checkpoints``::
         hf/config.json, vocab.txt   model config + tokenizer files, so export needs nothing but this folder
         COMPLETE.json               written LAST, by rank 0, once every rank reported its files written + fsynced
     latest_complete                 our pointer (human/tool convenience, written after the marker)
+    latest                          DeepSpeed's pointer, also written after the marker (so its own zero_to_fp32.py
+                                    and load_checkpoint(tag=None) work on these directories unchanged)
 
-Why not DeepSpeed's ``latest``: rank 0 writes it with a plain write before the final barrier, so after a kill it can
-name a checkpoint whose other ranks' files are missing. We never write it (``save_latest=False``) and never read it:
-resume scans for the newest folder whose marker is present and whose recorded files still have their recorded sizes.
+DeepSpeed's own way of writing ``latest`` (rank 0, a plain write, before the final barrier) could name a checkpoint
+whose other ranks' files are missing after a kill, so DeepSpeed does not write it (``save_latest=False``): we write
+it ourselves, atomically, only once the marker is in place. We never read it: resume scans for the newest folder whose
+marker is present and whose recorded files still have their recorded sizes.
 Retention renames an old folder to a dot-name before deleting it (a half-deleted folder can never look complete) and
 never touches the newest complete checkpoint.
 
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
 POINTER = "latest_complete"
+DS_POINTER = "latest"  # DeepSpeed's name; it reads the tag with .strip()
 HF_SUBDIR = "hf"
 _TAG = re.compile(r"^step_(\d{8,})$")
 SAVE_PHASES = ("start", "files_written", "synced", "marker_temp", "marked", "pruning")
@@ -212,6 +216,7 @@ def save(engine, root: str | os.PathLike, step: int, client_state: dict, *, hf_c
                       ranks=[dict(rank=r["rank"], host=r["host"], files=sorted(r["files"])) for r in reports])
         _phase("marked")
         _atomic_write(root / POINTER, tag + "\n")
+        _atomic_write(root / DS_POINTER, tag)
         prune(root, keep_last)
     dist.barrier()
     return folder

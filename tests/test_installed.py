@@ -52,6 +52,12 @@ def test_wheel_runs_every_stage_from_another_directory(installed, tmp_path):
                             "print(biobert.__file__, pretraining.__file__, ds_configs.__file__)"],
                            cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert str(REPO) not in where and "site-packages" in where  # our code comes from the wheel
+    shipped = subprocess.run([str(installed / "python"), "-c", "from data_prep.demo import DEMO_PMC; "
+                              "from launch.demo_ner import sample_dir; print(DEMO_PMC); print(sample_dir())"],
+                             cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
+    pmc, ner_sample = map(Path, shipped)  # the demo's real data travels in the wheel, with its sources
+    assert "site-packages" in str(pmc) and len(list(pmc.glob("*.nxml.gz"))) == 5 and (pmc / "SOURCES.md").is_file()
+    assert (ner_sample / "train.tsv").is_file() and (ner_sample / "SOURCE.md").is_file()
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(

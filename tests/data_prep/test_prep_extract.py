@@ -149,3 +149,63 @@ def test_jats_formulas_tables_and_citations_inside_paragraphs(tmp_path):
     )
     (doc,) = iter_documents(p)
     assert doc.paragraphs == ["A title", "Short abstract.", "Growth rose as grew: which holds."]
+
+
+def _jats_paragraph(tmp_path, body: str) -> str:
+    p = tmp_path / "c.nxml"
+    p.write_text(f"<article><front><article-meta/></front><body><p>{body}</p></body></article>", encoding="utf-8")
+    (doc,) = iter_documents(p)
+    return doc.paragraphs[0]
+
+
+@pytest.mark.parametrize("body, expected", [
+    # PLoS: brackets inside each xref, separators outside (what used to leave "conclusions , .")
+    ('lead to conflicting conclusions <xref ref-type="bibr">[2]</xref>, <xref ref-type="bibr">[3]</xref>. Here',
+     "lead to conflicting conclusions. Here"),
+    ('followed by others <xref ref-type="bibr">[19]</xref>\u2013<xref ref-type="bibr">[22]</xref>.',
+     "followed by others."),
+    # a comma after the citation belongs to the sentence
+    ('beneficial mutations <xref ref-type="bibr">[12]</xref>, the L-shaped distribution',
+     "beneficial mutations, the L-shaped distribution"),
+    # BMC: brackets outside, xrefs inside
+    ('stochasticity [<xref ref-type="bibr">51</xref>,<xref ref-type="bibr">52</xref>].', "stochasticity."),
+    # author-year in parentheses goes; figure numbers stay; a citation beside other content leaves the content
+    ('similar age (<xref ref-type="bibr">American Cancer Society, 2007</xref>). Next',
+     "similar age. Next"),
+    ('gland (<xref ref-type="fig">Figure 2</xref>; <italic>p</italic> = 0.0043).', "gland (Figure 2; p = 0.0043)."),
+    ('As shown in Figure <xref ref-type="fig">3B</xref>, our data', "As shown in Figure 3B, our data"),
+    ('rates (<xref ref-type="bibr">Smith, 2001</xref>; p &lt; 0.01)', "rates (p < 0.01)"),
+    ('rates (n = 4; <xref ref-type="bibr">Li 2003</xref>, <xref ref-type="bibr">Wu 2004</xref>)', "rates (n = 4)"),
+    # an author-year citation that is the sentence's subject stays; footnote markers go
+    ('as <xref ref-type="bibr">Fisher (1930)</xref> showed<xref ref-type="table-fn">a</xref>.',
+     "as Fisher (1930) showed."),
+    ('superscripts<sup><xref ref-type="bibr">4</xref>,<xref ref-type="bibr">5</xref></sup> too', "superscripts too"),
+])
+def test_jats_citation_removal_keeps_sentences_whole(tmp_path, body, expected):
+    assert _jats_paragraph(tmp_path, body) == expected
+
+
+def test_real_plos_article_has_no_citation_debris(shared_data):
+    """pone.0000217 (PLoS ONE) extracted "conflicting conclusions , ." before citations were removed as runs."""
+    import re
+
+    for f in find_inputs([shared_data / "corpus/pmc_oa"]):
+        (doc,) = iter_documents(f)
+        text = " ".join(doc.paragraphs)
+        debris = re.findall(r".{30}(?: [,;]| \.(?!\.)|\( |\[ ?\]|\([,;]).{10}", text)
+        assert not debris, (f.name, debris[:3])
+    (doc,) = iter_documents(shared_data / "corpus/pmc_oa/pone.0000217.nxml")
+    text = " ".join(doc.paragraphs)
+    assert "quickly lead to conflicting conclusions. Here we propose" in text
+    assert "small-sized beneficial mutations, the L-shaped distribution" in text
+    (doc,) = iter_documents(shared_data / "corpus/pmc_oa/1471-2180-11-174.nxml")
+    assert "As shown in Figure 3B, our data showed" in " ".join(doc.paragraphs)
+
+
+def test_gzipped_nxml_reads_like_the_plain_file(shared_data, tmp_path):
+    src = shared_data / "corpus/pmc_oa/pone.0000217.nxml"
+    (tmp_path / "pone.0000217.nxml.gz").write_bytes(gzip.compress(src.read_bytes()))
+    assert find_inputs([tmp_path]) == [tmp_path / "pone.0000217.nxml.gz"]
+    (doc,) = iter_documents(tmp_path / "pone.0000217.nxml.gz")
+    (ref,) = iter_documents(src)
+    assert doc.paragraphs == ref.paragraphs and doc.doc_id == "pone.0000217"

@@ -34,9 +34,10 @@ def test_mpi_two_ranks_equal_one_process(demo_corpus, minilm_dir, tmp_path):
                         "--output-dir", str(tmp_path / "two")], env=env, timeout=180, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("data_prep:") == 1  # one summary line, from rank 0
-    one = sorted((tmp_path / "one").glob("shard-*.hdf5"))
-    two = sorted((tmp_path / "two").glob("shard-*.hdf5"))
-    assert [p.name for p in one] == [p.name for p in two] and len(one) == 3
+    one = sorted((tmp_path / "one").rglob("shard-*.hdf5"))  # training shards and the validation split's
+    two = sorted((tmp_path / "two").rglob("shard-*.hdf5"))
+    assert [p.relative_to(tmp_path / "one") for p in one] == [p.relative_to(tmp_path / "two") for p in two]
+    assert len(one) == 4 and one[-1].parent.name == "validation"  # the forced held-out document was redone by a rank
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))
     assert (tmp_path / "one" / "manifest.json").read_text() == (tmp_path / "two" / "manifest.json").read_text().replace(
         str(tmp_path / "two"), str(tmp_path / "one"))

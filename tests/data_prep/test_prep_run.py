@@ -38,7 +38,8 @@ def prep(inputs, out, vocab, **kw):
 
 
 def shard_bytes(d):
-    return {p.name: p.read_bytes() for p in sorted(d.glob("shard-*.hdf5"))}
+    """Training and validation shards, by path relative to the output directory."""
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("shard-*.hdf5"))}
 
 
 def test_static_run_follows_the_contract(corpus, uncased_vocab, tmp_path, capsys):
@@ -67,7 +68,7 @@ def test_same_seed_same_bytes_any_worker_count(corpus, uncased_vocab, tmp_path):
     prep([corpus], tmp_path / "w1", uncased_vocab, workers=1)
     prep([corpus], tmp_path / "w2", uncased_vocab, workers=2)
     one, two = shard_bytes(tmp_path / "w1"), shard_bytes(tmp_path / "w2")
-    assert one == two and len(one) == 3
+    assert one == two and len(one) == 4 and "validation/shard-00000-of-00001.hdf5" in one
     prep([corpus], tmp_path / "seed2", uncased_vocab, seed=2)
     assert shard_bytes(tmp_path / "seed2") != one
 

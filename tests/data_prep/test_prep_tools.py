@@ -29,10 +29,14 @@ def test_train_uncased_vocab(demo_corpus, tmp_path):
     assert load_wordpiece(tmp_path / "u").lower_case is True
 
 
-def test_demo_main_returns_summary_and_validation(tmp_path, capsys):
+def test_demo_main_prepares_the_shipped_pmc_articles(tmp_path, capsys):
     out = demo.main(tmp_path / "demo")
-    assert out["instances"] > 100 and out["validation"]["samples"] == out["instances"]
+    assert out["docs"] == 5 and out["instances"] > 500 and out["check"]["samples"] == out["instances"]
+    assert out["validation"]["documents"] == 1  # 5 articles at 1%: the rule "at least one from 4 on" holds one out
     assert "validate:" in capsys.readouterr().out
+    sources = (demo.DEMO_PMC / "SOURCES.md").read_text()
+    for f in sorted(demo.DEMO_PMC.glob("*.nxml.gz")):  # every shipped article has its source and licence stated
+        assert f"`{f.name}`" in sources
 
 
 def test_benchmark_runs_on_tiny_input(demo_corpus, capsys):

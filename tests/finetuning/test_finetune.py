@@ -27,10 +27,12 @@ def test_ner_learns_and_writes_outputs(shared_data, minilm_dir, tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["f1"] == pytest.approx(m["f1"]) and saved["train"]["train_examples_per_s"] > 0
     lines = (tmp_path / "test_predictions.tsv").read_text().split("\n")
-    tokens = [ln for ln in lines if ln]
+    rows = [ln.split(" ") for ln in lines if ln]  # token gold pred: conlleval's layout
     test_sentences = subsample(read_conll(shared_data / "ner/NCBI-disease-IOB/test.tsv").sentences, 120, cfg.seed)
-    assert [ln.split("\t")[0] for ln in tokens] == [t for s in test_sentences for t in s.tokens]  # one per token
-    assert all(ln.split("\t")[1] in ("O", "B-Disease", "I-Disease") for ln in tokens)
+    assert [r[0] for r in rows] == [t for s in test_sentences for t in s.tokens]  # one per token
+    assert [r[1] for r in rows] == [t for s in test_sentences for t in s.tags]  # the gold label beside it
+    assert all(len(r) == 3 and r[2] in ("O", "B-Disease", "I-Disease") for r in rows)
+    assert m["test_source"].endswith("test.tsv")
     # The fine-tuned directory is a complete HF model: our loader and transformers both read it.
     config = json.loads((tmp_path / "model/config.json").read_text())
     assert config["architectures"] == ["BertForTokenClassification"] and config["id2label"]["1"] == "B-Disease"
@@ -58,7 +60,8 @@ def test_re_learns_on_gad_with_header_and_index_tsv(shared_data, minilm_dir, tmp
     assert m["negative_label"] == "0" and m["labels"] == ["0", "1"]
     assert m["accuracy"] > majority + 0.08, (m["accuracy"], majority, m["train"]["history"])
     rows = (tmp_path / "out/test_predictions.tsv").read_text().splitlines()
-    assert rows[0] == "index\tline\tlabel\tprediction" and len(rows) == 201 and rows[1].startswith("0\t2\t")
+    assert rows[0] == "index\tline\tgold\tprediction\tsentence" and len(rows) == 201 and rows[1].startswith("0\t2\t")
+    assert [r.split("\t")[2] for r in rows[1:]] == [e.label for e in test]
     assert (tmp_path / "out/model/model.safetensors").is_file()
 
 
@@ -94,6 +97,11 @@ def test_qa_learns_and_aggregates_by_question(shared_data, minilm_dir, tmp_path)
     assert len(ranked) == 20 and all(1 <= len(v) <= 5 for v in ranked.values())
     sub = json.loads((tmp_path / "test_bioasq.json").read_text())
     assert {q["id"] for q in sub["questions"]} == set(ranked)
+    rows = [r.split("\t") for r in (tmp_path / "test_predictions.tsv").read_text().splitlines()]
+    assert rows[0] == ["question_id", "gold", "predictions", "first_correct_rank"] and len(rows) == 21
+    ranks = [int(r[3]) for r in rows[1:] if r[3]]
+    assert all(r[1] for r in rows[1:]) and sum(1 / k for k in ranks) / 20 == pytest.approx(m["mrr"])
+    assert "20% of its questions held out as test (seed 1)" in m["test_source"]
 
     # Starting QA from an already QA-fine-tuned directory keeps its head: scores reproduce without training.
     again = main(QAConfig(**{**cfg.__dict__, "model": str(tmp_path / "model"), "do_train": False,

@@ -26,8 +26,8 @@ def test_reads_tab_format_with_crlf_docstart_and_blank_lines(tmp_path):
     assert [s.tokens for s in f.sentences] == [["APC2", ","], ["breast", "cancer"]]
     assert f.sentences[1].tags == ["B-Disease", "I-Disease"] and f.scheme == "iob2"
     assert f.sentences[0].before == ["-DOCSTART-\tO"] and f.sentences[1].first_line == 7
-    out = conll_text(f, [["O", "O"], ["B-Disease", "I-Disease"]])
-    assert out == "-DOCSTART-\tO\n\nAPC2\tO\n,\tO\n\nbreast\tB-Disease\ncancer\tI-Disease\n\n"
+    out = conll_text(f, [["O", "B-Disease"], ["B-Disease", "O"]])  # token gold pred, conlleval's layout
+    assert out == "-DOCSTART- O O\n\nAPC2 B-Gene O\n, O B-Disease\n\nbreast B-Disease B-Disease\ncancer I-Disease O\n\n"
 
 
 def test_reads_space_separated_conll_label_last_and_writes_back_same_columns(tmp_path):
@@ -35,7 +35,8 @@ def test_reads_space_separated_conll_label_last_and_writes_back_same_columns(tmp
     f = read_conll(p)
     assert f.scheme == "iob1" and f.sentences[0].tokens == ["EU", "rejects", "German"]
     out = conll_text(f, [["B-ORG", "O", "B-MISC"]])  # predictions are IOB2; written back as IOB1
-    assert out.splitlines()[2:5] == ["EU NNP B-NP I-ORG", "rejects VBZ B-VP O", "German JJ B-NP I-MISC"]
+    assert out.splitlines()[0] == "-DOCSTART- -X- -X- O O"
+    assert out.splitlines()[2:5] == ["EU NNP B-NP I-ORG I-ORG", "rejects VBZ B-VP O O", "German JJ B-NP I-MISC I-MISC"]
 
 
 def test_iobes_detected_converted_and_written_back(tmp_path):
@@ -43,7 +44,7 @@ def test_iobes_detected_converted_and_written_back(tmp_path):
     f = read_conll(p)
     assert f.scheme == "iobes"
     assert convert_tags(f.sentences[0].tags, "iob2") == ["B-X", "I-X", "B-Y", "O"]
-    assert [line.split("\t")[1] for line in conll_text(f, [["B-X", "I-X", "B-Y", "O"]]).split("\n")[:4]] == [
+    assert [line.split(" ")[2] for line in conll_text(f, [["B-X", "I-X", "B-Y", "O"]]).split("\n")[:4]] == [
         "B-X", "E-X", "S-Y", "O"]
     assert label_list([f]) == ["O", "B-X", "I-X", "B-Y", "I-Y"]
 

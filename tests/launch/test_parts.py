@@ -35,10 +35,10 @@ def test_merge_parts_into_one_valid_dataset(corpus, vocab_dir, tmp_path):
 
     out = tmp_path / "shards"
     files = sorted(corpus.iterdir())
-    _prep(files[0], out / "part-00000", vocab_dir, "--seed", "1")
+    _prep(files[0], out / "part-00000", vocab_dir, "--seed", "1", "--validation-fraction", "0.5")
     assert shard_parts.main(["merge", str(out), "--parts", "2"]) == shard_parts.NOT_READY  # part 1 not done
     assert not (out / "manifest.json").exists()
-    _prep(files[1], out / "part-00001", vocab_dir, "--seed", "2")
+    _prep(files[1], out / "part-00001", vocab_dir, "--seed", "2", "--validation-fraction", "0.5")
     assert shard_parts.main(["merge", str(out), "--parts", "2"]) == 0
     report = validate(out)
     assert report.ok, report.errors
@@ -48,6 +48,9 @@ def test_merge_parts_into_one_valid_dataset(corpus, vocab_dir, tmp_path):
     assert manifest["settings"]["part_seeds"] == [1, 2]
     assert [s["file"] for s in manifest["shards"]] == [f"part-0000{i}/{p['shards'][0]['file']}"
                                                       for i, p in enumerate(parts)]
+    held = [p["validation"] for p in parts if p.get("validation")]
+    assert held and manifest["validation"]["documents"] == sum(v["documents"] for v in held)
+    assert report.validation.samples == sum(v["instances"] for v in held)  # the parts' splits, checked as one
 
 
 def test_merge_refuses_parts_that_disagree(corpus, vocab_dir, tmp_path):

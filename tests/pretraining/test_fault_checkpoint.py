@@ -84,6 +84,9 @@ def test_crash_at_each_save_phase_resumes_from_last_complete(tmp_path, shards, s
         assert ckpt.check_complete(root / "step_00000002") == (True, "")
     expected = "step_00000004" if marked else "step_00000002"
     assert ckpt.latest_complete(root).name == expected
+    # DeepSpeed's `latest` (for its zero_to_fp32.py) only ever names a complete checkpoint
+    assert ckpt.check_complete(root / (root / ckpt.DS_POINTER).read_text()) == (True, "")
+    assert (root / ckpt.DS_POINTER).read_text() == ("step_00000004" if phase == "pruning" else "step_00000002")
 
     result = main(_cfg(tmp_path, shards))
     assert result["resumed_from"].name == expected
@@ -92,7 +95,7 @@ def test_crash_at_each_save_phase_resumes_from_last_complete(tmp_path, shards, s
     ef.assert_same_weights(ef.weights(result["engine"]), straight["weights"])
     assert _metric_steps(tmp_path) == list(range(1, MAX_STEPS + 1))  # redone steps logged once
     assert [p.name for p in root.glob("step_*")] == ["step_00000006"] and not list(root.glob(".trash-*"))
-    assert (root / ckpt.POINTER).read_text() == "step_00000006\n"
+    assert (root / ckpt.POINTER).read_text() == "step_00000006\n" and (root / ckpt.DS_POINTER).read_text() == "step_00000006"
 
 
 def test_sigkill_mid_file_write(tmp_path, shards, straight):

@@ -122,3 +122,85 @@ def test_cache_dir_naming(monkeypatch, tmp_path):
         "https://huggingface.co/dmis-lab/biobert-v1.1/resolve/main"
     assert hub._base_url("http://host/models/x/") == "http://host/models/x"
     assert a != hub.cache_dir_for("https://huggingface.co/dmis-lab/biobert-base-cased-v1.2")
+
+
+HUB_ID = "dmis-lab/biobert-base-cased-v1.2"
+COMMIT = "a" * 40
+
+
+def hub_cache(root: Path, minilm_dir: Path, weights: str = "model.safetensors") -> Path:
+    """A huggingface_hub cache laid out as the library writes it: refs/main -> snapshots/<commit>/files."""
+    repo = root / "models--dmis-lab--biobert-base-cased-v1.2"
+    snap = repo / "snapshots" / COMMIT
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    for name in ("config.json", "vocab.txt", "tokenizer_config.json"):
+        shutil.copy(minilm_dir / name, snap / name)
+    (snap / weights).symlink_to(minilm_dir / "model.safetensors")
+    return root
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test: offline resolution must not touch the network."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(tmp_path, minilm_dir, monkeypatch, no_network):
+    cache = hub_cache(tmp_path / "hub", minilm_dir)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    got = resolve_model_dir(HUB_ID)
+    assert got == cache / "models--dmis-lab--biobert-base-cased-v1.2" / "snapshots" / COMMIT
+    assert (got / "model.safetensors").is_file() and (got / "vocab.txt").is_file()
+    from finetuning.heads import resolve_model  # fine-tuning takes hub ids the same way
+
+    assert resolve_model(HUB_ID) == got
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # HF_HOME/hub is the cache too
+    assert resolve_model_dir(HUB_ID) == got
+
+
+def test_hub_id_with_pytorch_bin_only(tmp_path, minilm_dir, monkeypatch, no_network):
+    cache = hub_cache(tmp_path / "hub", minilm_dir, weights="pytorch_model.bin")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert (resolve_model_dir(HUB_ID) / "pytorch_model.bin").exists()
+
+
+def test_uncached_hub_id_offline_is_one_line_error(tmp_path, monkeypatch, no_network):
+    from biobert.errors import run
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"dmis-lab/biobert-base-cased-v1.2.*no hub reachable \(HF_HUB_OFFLINE=1\)"
+                                                r".*huggingface-cli download"):
+        resolve_model_dir(HUB_ID)
+    assert hub.is_hub_id(HUB_ID) and not hub.is_hub_id("minilm") and not hub.is_hub_id("/abs/path/x")
+
+    def cli(argv):
+        resolve_model_dir(argv[0])
+
+    assert run(cli, [HUB_ID]) == 2
+
+
+def test_hub_id_offline_in_a_fresh_process(tmp_path, minilm_dir):
+    """HF_HUB_OFFLINE and HF_HUB_CACHE set before huggingface_hub is imported, as a user sets them."""
+    import os
+    import subprocess
+    import sys
+
+    cache = hub_cache(tmp_path / "hub", minilm_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "NO_PROXY": "*",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}  # any request would fail
+    code = "from pretraining.hub import resolve_model_dir as r; print(r('dmis-lab/biobert-base-cased-v1.2'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith(f"snapshots/{COMMIT}")
