@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from biobert import tracking
 from biobert.config import (
     REQUIRED,
     build,
@@ -30,6 +31,8 @@ from biobert.config import (
     set_dotted,
 )
 from pretraining.ds_config import EngineConfig, deepspeed_dict, read_deepspeed, resolve_ds_config
+
+BACKENDS = tracking.BACKENDS
 
 PRESETS: dict[str, dict[str, Any]] = {
     # BertConfig fields for training from scratch; vocab_size comes from the tokenizer.
@@ -72,6 +75,8 @@ class DataConfig:
                                   "world size: its samples_consumed); a resumed run uses its checkpoint's")
     log_sample_ids: bool = option(False, "write the sample ids of every micro-batch to OUTPUT_DIR/sample_ids/ (one "
                                          "file per rank; proves no sample is lost or repeated across restarts)")
+    validation_dir: str | None = option(None, "held-out shards for a shard_dir without a validation split (NVIDIA's "
+                                              "layout: test/ beside training/); a data_prep split is found without it")
 
     def __post_init__(self) -> None:
         if self.start_sample < 0:
@@ -140,20 +145,59 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    """Validation on the held-out split (data_prep's, or data.validation_dir): MLM loss, perplexity, MLM and NSP
+    accuracy over a fixed subset, summed over ranks, at the same steps on every rank."""
+
+    enabled: bool = option(True, "evaluate when there is validation data (a run without any says so once)")
+    every_steps: int = option(1000, "evaluate after every N-th optimizer step (0: only at the end)")
+    at_end: bool = option(True, "also evaluate after the last step")
+    max_samples: int | None = option(2048, "the fixed subset: the split's first N samples in manifest order (data_prep "
+                                           "shuffled them), trimmed to a multiple of the world size; null: all")
+    micro_batch_size: int | None = option(None, "samples per forward pass on one rank (default: the training "
+                                                "micro-batch)")
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0:
+            raise ValueError(f"eval.every_steps must be >= 0, got {self.every_steps}")
+        for name in ("max_samples", "micro_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"eval.{name} must be >= 1 (or null), got {value}")
+
+    def due(self, step: int, max_steps: int) -> bool:
+        """Whether step ``step`` ends with an evaluation: a function of the step number alone, so every rank (and a
+        resumed run) decides the same."""
+        return self.enabled and ((self.every_steps > 0 and step % self.every_steps == 0)
+                                 or (self.at_end and step == max_steps))
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
-    """What is logged where."""
+    """What is logged where (metrics.jsonl always; report_to adds TensorBoard, MLflow, W&B)."""
 
     every_steps: int = option(10, "read the metrics from the device (one sync) every this many steps, and before "
-                                  "every checkpoint; console and TensorBoard follow it (metrics.jsonl still gets "
-                                  "every step)")
+                                  "every checkpoint; console and report_to backends follow it (metrics.jsonl still "
+                                  "gets every step)")
     progress_bar: bool = option(True, "a tqdm bar on rank 0")
-    tensorboard: bool = option(True, "TensorBoard events in OUTPUT_DIR")
+    report_to: list[str] = option(factory=lambda: ["tensorboard"], choices=BACKENDS,
+                                  help="tensorboard, mlflow, wandb (several at once), or none; mlflow and wandb are "
+                                       "optional installs ('biobert-at-scale[mlflow]', '[wandb]')")
+    tensorboard: bool | None = option(None, "the older switch: false drops tensorboard from report_to, true adds it")
+    project: str = option("biobert-pretraining", "MLflow experiment / W&B project")
+    run_name: str | None = option(None, "MLflow / W&B run name (default: the output directory's name)")
+    tracking_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a file store "
+                                            "in OUTPUT_DIR/mlruns)")
     peak_tflops: float | None = option(None, "device peak for MFU (default: the data-sheet table for GPUs, a matmul "
                                              "probe on CPU)")
 
     def __post_init__(self) -> None:
         if self.every_steps < 1:
             raise ValueError(f"logging.every_steps must be >= 1, got {self.every_steps}")
+        self.backends()  # 'none' with a backend, an unknown name: refused here
+
+    def backends(self) -> list[str]:
+        return tracking.resolve(self.report_to, self.tensorboard, "logging.report_to")
 
 
 @dataclass(kw_only=True)
@@ -235,7 +279,7 @@ def _nearest_choices(global_batch: int, world: int) -> str:
 class RunConfig:
     """A pretraining run."""
 
-    output_dir: str = option(help="run directory: checkpoints/, metrics.jsonl, TensorBoard events")
+    output_dir: str = option(help="run directory: checkpoints/, metrics.jsonl, run_record.json, TensorBoard events")
     max_steps: int = option(help="optimizer steps to train to (a resumed run continues to the same number)")
     seed: int = option(42, "seed of initialisation, data order, masking and dropout")
     deepspeed_config: str | None = option(None, "DeepSpeed JSON: a path, or a packaged recipe name (ds_configs/); "
@@ -248,6 +292,7 @@ class RunConfig:
     batch: BatchConfig = option(factory=BatchConfig)
     engine: EngineConfig = option(factory=EngineConfig)
     checkpoint: CheckpointConfig = option(factory=CheckpointConfig)
+    eval: EvalConfig = option(factory=EvalConfig)
     logging: LoggingConfig = option(factory=LoggingConfig)
     numerics: NumericsConfig = option(factory=NumericsConfig)
 

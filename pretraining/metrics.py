@@ -6,7 +6,10 @@ computes on padding gets no credit for it. Peak per device (dense tensor-core TF
 the table below, matched on the accelerator's name, for the run's precision. On CPU there is no data sheet to match,
 so the peak is ``logging.peak_tflops`` when set, else a quick probe: the best of a few 1024x1024 fp32 matmuls on this
 process's threads (so CPU MFU reads "fraction of what a plain matmul achieves here", not of a marketing figure).
-Only rank 0 writes anything. The trainer reads the device once per logging interval, so a step's ``step_time`` is its
+Only rank 0 writes anything; besides metrics.jsonl it reports to the ``logging.report_to`` backends
+(biobert.tracking: TensorBoard, MLflow, W&B). Validation figures (pretraining.evaluation) ride on their step's record as
+``"validation": {...}`` (one line per step in metrics.jsonl), go to the backends as ``val/*`` and close the summary
+as ``val_*``. The trainer reads the device once per logging interval, so a step's ``step_time`` is its
 interval's wall time split evenly (the GPU runs ahead of the host in between); the first step is an interval of its
 own (it pays for warm-up and compilation, and the summary leaves it out). The summary record also names what ran:
 ``attention`` (flash_varlen | flash_varlen_dropout | sdpa_padded), ``optimizer`` (class[kernel]), ``precision``.
@@ -108,27 +111,34 @@ def truncate_metrics(path: Path, start_step: int) -> int:
 
 
 class MetricsLogger:
-    """``log(step, record)`` once per optimizer step; ``summary()`` at the end. Inactive (no I/O) off rank 0."""
+    """``log(step, record)`` once per optimizer step; ``summary()`` at the end. Inactive (no I/O) off rank 0.
+
+    ``report_to``: biobert.tracking backends (default: TensorBoard when ``tensorboard``), ``tracking``: their
+    settings (config, project, run_name, tracking_uri). They get ``train/*`` every ``every_steps`` and ``val/*``
+    whenever a record carries ``validation`` (pretraining.evaluation), which also prints one line."""
 
     def __init__(self, out_dir: str | Path, *, active: bool, start_step: int, max_steps: int, peak: float,
-                 peak_source: str, every_steps: int = 1, progress_bar: bool = True, tensorboard: bool = True):
+                 peak_source: str, every_steps: int = 1, progress_bar: bool = True, tensorboard: bool = True,
+                 report_to: list[str] | None = None, tracking: dict | None = None):
         self.active, self.every = active, every_steps
         self.peak, self.peak_source = peak, peak_source
         self.start_step, self.max_steps = start_step, max_steps
         self.records: list[dict] = []
-        self.jsonl = self.tb = self.bar = None
+        self.jsonl = self.tracker = self.bar = None
         self.t_start = time.perf_counter()
         if not active:
             return
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "metrics.jsonl"
+        backends = report_to if report_to is not None else ["tensorboard"] if tensorboard else []
+        if backends:  # first: a backend that cannot start stops the run before metrics.jsonl is touched
+            from biobert.tracking import Tracker
+
+            # a resumed run continues its MLflow/W&B run; TensorBoard purges the steps after start_step
+            self.tracker = Tracker(backends, out, start_step=start_step, resume=start_step > 0, **(tracking or {}))
         truncate_metrics(path, start_step)  # steps redone after a hard kill are logged once, not twice
         self.jsonl = open(path, "a", buffering=1, encoding="utf-8")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)  # same for TensorBoard
         if progress_bar:
             from tqdm import tqdm
 
@@ -146,11 +156,19 @@ class MetricsLogger:
         if not self.active:
             return record
         self.jsonl.write(json.dumps(record) + "\n")
+        val = record.get("validation")
+        if val is not None:
+            if self.tracker is not None:
+                self.tracker.log({f"val/{k}": v for k, v in val.items()}, step)
+            from tqdm import tqdm
+
+            tqdm.write(f"validation | step {step} | " + " | ".join(
+                f"{k} {val[k]:.4g}" for k in ("mlm_loss", "perplexity", "mlm_acc", "nsp_loss", "nsp_acc")) +
+                f" | {val['samples']} samples, {val['seconds']:.1f} s")
         if step % self.every == 0 or step == self.max_steps:
-            if self.tb is not None:
-                for k, v in record.items():
-                    if k != "step" and isinstance(v, (int, float)) and v is not None:
-                        self.tb.add_scalar(f"train/{k}", v, step)
+            if self.tracker is not None:
+                self.tracker.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "validation")},
+                                 step)
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['mlm_acc']:.3f}",
                                      lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}", refresh=False)
@@ -174,9 +192,14 @@ class MetricsLogger:
                 peak_tflops=self.peak, peak_source=self.peak_source,
             )
             out["mfu"] = out["tflops"] / self.peak if self.peak and math.isfinite(self.peak) else None
+        val = next((r for r in reversed(self.records) if r.get("validation")), None)
+        if val is not None:  # the last evaluation of this run (its step: val_step)
+            out.update(val_step=val["step"], **{f"val_{k}": val["validation"][k] for k in
+                                                ("loss", "mlm_loss", "perplexity", "mlm_acc", "nsp_acc")})
         return out
 
-    def close(self, summary: dict | None = None) -> None:
+    def close(self, summary: dict | None = None, finished: bool = True) -> None:
+        """``finished``: False for a run stopped early (preempted), so MLflow/W&B mark it as not finished."""
         if not self.active:
             return
         if self.bar is not None:
@@ -186,5 +209,5 @@ class MetricsLogger:
             lines = [f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()]
             print("run summary | " + " | ".join(lines), flush=True)
         self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
+        if self.tracker is not None:
+            self.tracker.close(summary, finished)

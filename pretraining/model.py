@@ -264,7 +264,8 @@ class BertForPreTraining(nn.Module):
             mlm_loss = F.cross_entropy(logits, labels, reduction="sum") / max(packed.masked, 1)
             nsp_loss = F.cross_entropy(nsp_logits.float(), packed.nsp_labels)
             out.update(loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss, nsp_loss=nsp_loss,
-                       mlm_correct=(logits.argmax(-1) == labels).sum(), mlm_count=packed.masked)
+                       mlm_correct=(logits.argmax(-1) == labels).sum(), mlm_count=packed.masked,
+                       nsp_correct=(nsp_logits.argmax(-1) == packed.nsp_labels).sum())
         if return_logits:
             B, T = packed.batch, packed.seq_len
             logits = self.cls.predictions(hidden)

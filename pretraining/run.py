@@ -77,7 +77,20 @@ def cli(argv: list[str] | None = None) -> int:
     from pretraining.trainer import main as train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return train(cfg)["exit_code"]
+    return train(cfg, command=command_line(sys.argv[1:] if argv is None else argv))["exit_code"]
+
+
+def command_line(argv: list[str]) -> list[str]:
+    """The command as a user would type it for one process (the launcher's --local_rank left out)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not a.startswith(("--local_rank=", "--local-rank=")):
+            out.append(a)
+    return ["biobert", "pretrain", *out]
 
 
 if __name__ == "__main__":

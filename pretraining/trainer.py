@@ -26,10 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from biobert import dist
+from biobert import dist, tracking
+from biobert.errors import UserError
 from pretraining import checkpoint as ckpt
-from pretraining import numerics, preemption, shared_dir
+from pretraining import numerics, preemption, run_record, shared_dir
 from pretraining.config import PRESETS, RunConfig
+from pretraining.evaluation import Validator
 from pretraining.metrics import MetricsLogger, batch_flops, device_name, peak_tflops
 from pretraining.sample_log import SampleIdLog
 
@@ -139,27 +141,30 @@ def preflight(cfg: RunConfig, model_config, tokenizer_dir) -> list[str]:
     return sorted({f for f, _ in errors})
 
 
-def main(cfg: RunConfig, on_step=None, on_micro=None, step_guard=None) -> dict:
+def main(cfg: RunConfig, on_step=None, on_micro=None, step_guard=None, command: list[str] | None = None) -> dict:
     """Train to cfg.max_steps (or until SIGTERM/SIGUSR1). Test hooks: ``on_step(step, engine)`` before each step,
     ``on_micro(step, micro_index, sample_ids, engine)`` before each micro-batch's forward, ``step_guard(step)``: a
-    context manager around a step's micro-batches (benchmarks/gpu_check.py: CUDA sync debug mode "error")."""
+    context manager around a step's micro-batches (benchmarks/gpu_check.py: CUDA sync debug mode "error").
+    ``command``: the command line that started the run, for the run record, checkpoints and the model card."""
     # A signal that arrived before this call (run.py installs the handler before the heavy imports) is kept:
     # it stops the run at the first step boundary. The flag is consumed when we return.
     previous = preemption.install()
     try:
-        return _train(cfg, on_step, on_micro, step_guard)
+        return _train(cfg, on_step, on_micro, step_guard, command)
     finally:
         preemption.restore(previous)
         preemption.clear()
 
 
-def _train(cfg: RunConfig, on_step, on_micro, step_guard) -> dict:
+def _train(cfg: RunConfig, on_step, on_micro, step_guard, command) -> dict:
     import contextlib
 
     import deepspeed
 
     from pretraining.optim import build_optimizer, build_scheduler, plan_precision
 
+    backends = cfg.logging.backends()
+    tracking.check_installed(backends, "logging.report_to")  # every rank: all stop, none waits for rank 0
     env = dist.init()
     rank, world = env.rank, env.world_size
     shared_dir.check(cfg.output_dir)  # one directory for every rank, or every rank stops here naming the nodes
@@ -173,6 +178,7 @@ def _train(cfg: RunConfig, on_step, on_micro, step_guard) -> dict:
     plan = plan_precision(cfg.deepspeed_dict(world, model.config.hidden_size))
     ds_config = plan.ds_config
     bad_shards = preflight(cfg, model.config, tokenizer_dir)
+    validator = Validator.from_config(cfg, model.config, tokenizer_dir, plan, device)  # None: no validation data
 
     resume_from = None
     if cfg.checkpoint.resume == "auto":  # rank 0 alone looks (and cleans up), everyone gets its answer
@@ -227,14 +233,19 @@ def _train(cfg: RunConfig, on_step, on_micro, step_guard) -> dict:
     elif consumed % global_batch:
         raise ValueError(f"data.start_sample {consumed} is not a multiple of the global batch {global_batch}: "
                          "use the samples_consumed of a checkpoint")
+    if validator is not None:
+        run_info["validation"] = validator.describe()
+    if rank == 0:
+        if validator is not None:
+            log.warning("validation: %s, after every %s step(s)%s", validator.describe(),
+                        cfg.eval.every_steps or "no", " and at the end" if cfg.eval.at_end else "")
+        run_record.write(cfg.output_dir, cfg, ds_config, world_size=world, launcher=env.launcher, step=step,
+                         resumed_from=resume_from, run_info=run_info, command=command,
+                         validation=validator.describe() if validator is not None else None)
+    metrics = _metrics_logger(cfg, rank, step, backends)
     loader = build_loader(cfg, model.config, tokenizer_dir, consumed, exclude=bad_shards)
     batches = iter(loader)
     id_log = SampleIdLog(cfg.output_dir, rank, step) if cfg.data.log_sample_ids else None
-
-    peak, peak_source = peak_tflops(device_name(), cfg.precision, cfg.logging.peak_tflops)
-    metrics = MetricsLogger(cfg.output_dir, active=rank == 0, start_step=step, max_steps=cfg.max_steps, peak=peak,
-                            peak_source=peak_source, every_steps=cfg.logging.every_steps,
-                            progress_bar=cfg.logging.progress_bar, tensorboard=cfg.logging.tensorboard)
     n = cfg.numerics
     monitor = numerics.NumericsMonitor(fp16=cfg.precision == "fp16", skipped_steps=engine.skipped_steps,
                                        spike_factor=n.spike_factor, spike_window=n.spike_window,
@@ -288,7 +299,9 @@ def _train(cfg: RunConfig, on_step, on_micro, step_guard) -> dict:
             every = cfg.checkpoint.every_steps
             save = stopped or host[_SAVE_DUE] > 0 or step == cfg.max_steps or (every and step % every == 0)
             first = len(losses) + len(pending) == 1  # the warm-up (compilation) step: its own interval
-            if save or first or step % cfg.logging.every_steps == 0:
+            # from the step number alone: every rank evaluates at the same steps, a resumed run at the same ones
+            evaluate = validator is not None and cfg.eval.due(step, cfg.max_steps)
+            if save or first or evaluate or step % cfg.logging.every_steps == 0:
                 for rec in _flush(pending, interval_start, accum * world):  # one read of the device
                     verdict, health = monitor.update(rec["step"], rec["loss"], rec.pop("skipped"))
                     if verdict == numerics.STOP:  # every rank sees the same reduced loss: all raise, none is left waiting
@@ -296,10 +309,12 @@ def _train(cfg: RunConfig, on_step, on_micro, step_guard) -> dict:
                                          loader.manifest)
                     losses.append(rec["loss"])
                     del rec["micro_losses"], rec["micro_ids"]
+                    if evaluate and rec["step"] == step:  # before the save: a checkpoint at N implies N's figures
+                        rec["validation"] = validator(engine)
                     metrics.log(rec.pop("step"), {**rec, **health})
                 pending, interval_start = [], time.perf_counter()
             if save:
-                last_saved = _save(cfg, engine, step, consumed, global_batch, model.config, tokenizer_dir)
+                last_saved = _save(cfg, engine, step, consumed, global_batch, model.config, tokenizer_dir, command)
                 saved_at_time = time.monotonic()
                 if not stopped and step < cfg.max_steps:  # signalled during the save: it is finished, stop now
                     stopped = _host_all_reduce([float(preemption.requested())], host_group)[0] > 0
@@ -310,7 +325,7 @@ def _train(cfg: RunConfig, on_step, on_micro, step_guard) -> dict:
             id_log.close()
     summary = metrics.summary(final_step=step, skipped_steps=engine.skipped_steps,
                               bad_shards=len(bad_shards), preempted=stopped, **run_info)
-    metrics.close(summary)
+    metrics.close(summary, finished=not stopped)
     dist.barrier()
     return dict(losses=losses, step=step, samples_consumed=consumed, checkpoint=last_saved,
                 resumed_from=resume_from, preempted=stopped, exit_code=EXIT_PREEMPTED if stopped else 0,
@@ -344,9 +359,30 @@ def _flush(pending: list[dict], interval_start: float, micro_batches: int) -> li
     return records
 
 
-def _save(cfg: RunConfig, engine, step: int, consumed: int, global_batch: int, model_config, tokenizer_dir):
+def _metrics_logger(cfg: RunConfig, rank: int, step: int, backends: list[str]) -> MetricsLogger:
+    """Rank 0's logger and its report_to backends. A backend that cannot start (a server refusing, a login missing)
+    stops every rank with rank 0's message, before step 1."""
+    peak, peak_source = peak_tflops(device_name(), cfg.precision, cfg.logging.peak_tflops)
+    lg = cfg.logging
+    problem, metrics = None, None
+    try:
+        metrics = MetricsLogger(cfg.output_dir, active=rank == 0, start_step=step, max_steps=cfg.max_steps, peak=peak,
+                                peak_source=peak_source, every_steps=lg.every_steps, progress_bar=lg.progress_bar,
+                                report_to=backends, tracking=dict(config=cfg.to_dict(), project=lg.project,
+                                                                  run_name=lg.run_name, tracking_uri=lg.tracking_uri))
+    except UserError as e:
+        problem = str(e)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise UserError(problem)
+    return metrics
+
+
+def _save(cfg: RunConfig, engine, step: int, consumed: int, global_batch: int, model_config, tokenizer_dir,
+          command=None):
     client = dict(step=step, samples_consumed=consumed, global_batch_size=global_batch,
-                  overflow_steps_skipped=engine.skipped_steps, loader_start_sample=consumed, run_config=cfg.to_dict())
+                  overflow_steps_skipped=engine.skipped_steps, loader_start_sample=consumed, run_config=cfg.to_dict(),
+                  command=command)
     return ckpt.save(engine, cfg.checkpoint_dir, step, client, hf_config=model_config, tokenizer_dir=tokenizer_dir,
                      keep_last=cfg.checkpoint.keep_last)
 
