@@ -25,6 +25,7 @@ import math
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 
 from biobert.errors import UserError
@@ -60,10 +61,14 @@ def resolve(report_to: list[str] | tuple[str, ...], tensorboard: bool | None = N
 def check_installed(backends: list[str], key: str = "report_to") -> None:
     """UserError naming the pip command when an optional backend's package is missing (no import: cheap)."""
     for name in backends:
-        if name in OPTIONAL and importlib.util.find_spec(OPTIONAL[name][0]) is None:
+        if name in OPTIONAL and not _installed(OPTIONAL[name][0]):
             raise UserError(f"{key} includes {name} but it is not installed: pip install "
                             f"'biobert-at-scale[{name}]' (or pip install {OPTIONAL[name][1]}), or drop {name} from "
                             f"{key}")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -155,7 +160,7 @@ class _WandB:
         import wandb
 
         run_id = ids.get("wandb_run_id") if resume else None
-        run_id = run_id or wandb.util.generate_id()
+        run_id = run_id or uuid.uuid4().hex[:12]  # ours: recorded in tracking.json for a resume
         ids["wandb_run_id"] = run_id
         self.run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(out), config=config)
 

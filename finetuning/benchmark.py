@@ -245,7 +245,8 @@ def main(cfg: FinetuneBenchConfig, given: dict) -> list[dict]:
     data_root = Path(cfg.data_root) if cfg.data_root else default_data_root()
     out_root = Path(cfg.output_dir)
     model_dir = resolve_model(given.pop("model", "minilm"))
-    overrides = {**given, "model": str(model_dir), "select_on_dev": False, "save_model": False, "progress": False}
+    overrides = {**given, "model": str(model_dir), "select_on_dev": False, "save_model": False, "progress": False,
+                 "report_to": ["none"]}  # as the HF Trainer it is timed against (report_to="none")
     rows, verdicts = [], []
     for task in SUITE:
         if task.name not in cfg.tasks:

@@ -11,6 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from biobert import tracking
 from biobert.config import check_choices, option
 
 
@@ -52,6 +53,13 @@ class FinetuneConfig:
     deepspeed_config: str | None = option(None, "DeepSpeed JSON for runs under a launcher (default: generated "
                                                 "from these settings and --zero-stage)")
     zero_stage: int = option(0, "ZeRO stage under a launcher when no --deepspeed-config is given", choices=(0, 1, 2))
+    report_to: list[str] = option(factory=lambda: ["tensorboard"], choices=tracking.BACKENDS,
+                                  help="where per-step loss/lr and dev scores go: tensorboard (OUTPUT_DIR/tensorboard), "
+                                       "mlflow, wandb (several at once), or none; mlflow and wandb are optional installs")
+    project: str = option("biobert-finetuning", "MLflow experiment / W&B project")
+    run_name: str | None = option(None, "MLflow / W&B run name (default: TASK:OUTPUT_DIR's name)")
+    tracking_uri: str | None = option(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a file store "
+                                            "in OUTPUT_DIR/mlruns)")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -72,6 +80,7 @@ class FinetuneConfig:
             raise ValueError("zero_stage must be 0, 1 or 2 (fine-tuned models are small; ZeRO-3 is not needed)")
         if not 0 <= self.test_holdout < 1:
             raise ValueError(f"test_holdout must be in [0, 1), got {self.test_holdout}")
+        tracking.resolve(self.report_to, key="--report-to")
         if not (self.do_train or self.do_eval or self.do_predict):
             raise ValueError("nothing to do: give at least one of --do-train/--do-eval/--do-predict")
 

@@ -76,7 +76,7 @@ def run_split(cfg: REConfig, rt: Runtime, task: RETask, model_dir, train, dev, t
     result: dict = {}
     if train is not None:
         evaluate = (lambda m: task.evaluate(m, dev, rt)[0]) if dev and cfg.do_eval and cfg.select_on_dev else None
-        result["train"] = fit(model, task.features(train), cfg, rt, evaluate, select="f1", desc="re")
+        result["train"] = fit(model, task.features(train), cfg, rt, evaluate, select="f1", desc="re", out_dir=out_dir)
     model.to(rt.device)
     for name, examples, wanted in (("dev", dev, cfg.do_eval), ("test", test, cfg.do_predict)):
         if examples and wanted:

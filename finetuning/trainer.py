@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from finetuning import curves
 from finetuning.config import FinetuneConfig
 
 CURVE_POINTS = 100  # points of the training-loss curve kept in metrics.json
@@ -42,8 +44,9 @@ class Runtime:
 def setup_runtime(cfg: FinetuneConfig) -> Runtime:
     """Seeds, CPU threads, and the process group when a launcher started us (deepspeed, torchrun, srun, mpirun: the
     same rank discovery as pretraining, so `srun -n 4` is one 4-rank job, not four jobs writing one directory)."""
-    from biobert import dist
+    from biobert import dist, tracking
 
+    tracking.check_installed(tracking.resolve(cfg.report_to), "--report-to")  # before any work, on every rank
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -181,10 +184,13 @@ def fit(
     evaluate: Callable[[nn.Module], dict] | None = None,
     select: str = "f1",
     desc: str = "train",
+    out_dir: str | None = None,
 ) -> dict:
     """Train for cfg.epochs; after each epoch score the dev set with ``evaluate`` and keep the best ``select``.
 
     Returns a summary (history, best epoch, examples/s). The model ends with the selected (or last) weights.
+    Per-step loss and lr go to the --report-to backends, the curves to ``out_dir`` (default: cfg.output_dir) as
+    training_curves.png (finetuning.curves).
     """
     model.to(rt.device)
     lengths = [len(f["input_ids"]) for f in features]
@@ -200,6 +206,8 @@ def fit(
         engine, opt, _, sched = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=_deepspeed_config(cfg, rt)
         )
+    out_dir = out_dir or cfg.output_dir
+    tracker = curves.start_tracker(cfg, rt, out_dir, desc)
     step, seen, train_time = 0, 0, 0.0
     history, best, best_state, best_epoch = [], None, None, None
     curve, every, window = [], max(1, total_steps // CURVE_POINTS), []  # the loss curve: ~CURVE_POINTS points a run
@@ -230,6 +238,9 @@ def fit(
             seen += len(idx) * rt.world_size
             loss_sum, n_loss = loss_sum + loss.item(), n_loss + 1
             window.append(loss.item())
+            if tracker is not None:
+                tracker.log({"train/loss": window[-1], "train/lr": sched.get_last_lr()[0],
+                             "train/epoch": step / per_rank}, step)
             if step % every == 0 or step == total_steps:
                 curve.append({"step": step, "epoch": round(step / per_rank, 3), "train_loss": sum(window) / len(window),
                               "lr": sched.get_last_lr()[0]})
@@ -241,6 +252,8 @@ def fit(
         if evaluate is not None:
             scores = evaluate(model)
             record.update({k: v for k, v in scores.items() if isinstance(v, int | float)})
+            if tracker is not None:
+                tracker.log({f"dev/{k}": v for k, v in scores.items()}, step)
             if best is None or scores[select] > best:
                 best = scores[select]
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -250,7 +263,7 @@ def fit(
             print(f"[{desc}] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
     if best_state is not None:
         model.load_state_dict(best_state)
-    return {
+    result = {
         "history": history,
         "curve": curve,  # train loss (mean over the steps since the previous point) and lr by step
         "best_epoch": best_epoch or history[-1]["epoch"],
@@ -259,3 +272,9 @@ def fit(
         "train_seconds": train_time,
         "train_examples_per_s": seen / train_time if train_time else 0.0,
     }
+    if rt.is_main:
+        result["plot"] = curves.plot(os.path.join(out_dir, curves.PNG), curve, history,
+                                     select if evaluate is not None else None, desc).name
+    if tracker is not None:
+        tracker.close({k: v for k, v in result.items() if k not in ("history", "curve")})
+    return result

@@ -245,3 +245,43 @@ def test_two_ranks_zero3_evaluate_what_one_process_computes(split_shards, tmp_pa
         assert one[key] == two[key]
     for key in ("mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "perplexity"):
         assert one[key] == pytest.approx(two[key], rel=1e-5), key
+
+
+def test_report_to_backends_follow_training_and_validation_across_a_resume(split_shards, tmp_path, monkeypatch):
+    """TensorBoard, MLflow (local file store) and W&B (offline) get train/* every logging.every_steps and val/* at
+    every evaluation; the resumed run continues the same MLflow and W&B run."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from tracking_readers import mlflow_history, mlflow_run, tensorboard_scalars, wandb_history
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_CONFIG_DIR", tmp_path / "wbc"),
+                       ("WANDB_CACHE_DIR", tmp_path / "wbcache"), ("WANDB_DATA_DIR", tmp_path / "wbdata")):
+        monkeypatch.setenv(key, str(value))
+    out = tmp_path / "run"
+    backends = ["logging.report_to=tensorboard,mlflow,wandb", "logging.tensorboard=null", "logging.every_steps=2"]
+
+    def signal_at(step, engine):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    try:
+        first = run(out, split_shards, backends, on_step=signal_at)
+        assert first["exit_code"] == 75 and mlflow_run(out).info.status == "KILLED"
+        ids = json.loads((out / "tracking.json").read_text())
+        second = run(out, split_shards, backends)
+    finally:
+        import wandb
+
+        wandb.teardown()
+    val = validation(first["records"] + second["records"])
+    assert sorted(val) == [3, 6, 8]
+    assert json.loads((out / "tracking.json").read_text()) == ids  # the same MLflow and W&B runs continued
+    assert mlflow_run(out).info.status == "FINISHED"
+    assert mlflow_history(out, "val/mlm_loss") == [(s, val[s]["mlm_loss"]) for s in (3, 6, 8)]
+    assert [s for s, _ in mlflow_history(out, "train/loss")] == [2, 4, 6, 8]
+    assert [s for s, _ in tensorboard_scalars(out, "val/perplexity")] == [3, 6, 8]
+    rows = wandb_history(out)
+    assert [(r["_step"], r["val/nsp_acc"]) for r in rows if "val/nsp_acc" in r] == [
+        (s, val[s]["nsp_acc"]) for s in (3, 6, 8)]
+    assert {p.name.split("-")[-1] for p in (out / "wandb").glob("offline-run-*")} == {ids["wandb_run_id"]}
