@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from finetuning.bioasq import bioasq_to_squad, predictions_to_bioasq
-from finetuning.bioasq import main as bioasq_cli
+from finetuning.bioasq import cli as bioasq_cli
 from finetuning.qa_data import (
     QAExample,
     aggregate_by_question,
