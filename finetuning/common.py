@@ -56,3 +56,11 @@ def write_text(path: str | Path, text: str) -> None:
 
 def results_line(task: str, metrics: dict, keys: Sequence[str]) -> str:
     return f"RESULT {task}: " + " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+def no_learning_warning(what: str, split: str, cfg) -> str:
+    """The one line a run prints (and metrics.json keeps) when training ended on a degenerate model."""
+    return (f"warning: {what} on {split} after {cfg.epochs:g} epochs at learning rate {cfg.learning_rate:g}: the "
+            f"model has not learned the task yet (too little signal for these settings); likely remedies: more "
+            f"epochs (--epochs {max(10, 2 * cfg.epochs):g}, or --recipe biobert), a higher learning rate "
+            f"(--learning-rate {2 * cfg.learning_rate:g}), more training examples")

@@ -2,7 +2,9 @@
 
 Tasks (under --data-root, default $BIOBERT_DATA or ../shared/data): NCBI-disease and BC5CDR-disease (NER), GAD
 (RE, 10-fold CV), ChemProt (RE), BioASQ (QA). Any task flag (``--epochs 3``, ``--max-train-examples 200``...) is
-passed to every task it applies to. Writes OUT/<task>/..., OUT/summary.json and OUT/summary.md.
+passed to every task it applies to, on top of the recipe: the paper's ("biobert": 20 NER epochs, selection on dev)
+when a GPU is present, else "quick" (CPU-sized); ``--recipe`` chooses. Writes OUT/<task>/..., OUT/summary.json and
+OUT/summary.md, both naming the recipe used.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetuning.common import write_json, write_text
-from finetuning.config import FinetuneConfig, NERConfig, QAConfig, REConfig, build_parser
+from finetuning.config import FinetuneConfig, NERConfig, QAConfig, REConfig, build_parser, make_config
 
 CONFIGS = {"ner": NERConfig, "re": REConfig, "qa": QAConfig}
 SCORES = {"ner": ("precision", "recall", "f1"), "re": ("precision", "recall", "f1"),
@@ -48,11 +50,20 @@ def default_data_root() -> Path:
     return Path(os.environ.get("BIOBERT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def task_config(task: SuiteTask, data_root: Path, output_dir: Path, overrides: dict) -> FinetuneConfig:
+def task_config(task: SuiteTask, data_root: Path, output_dir: Path, overrides: dict,
+                recipe: str = "quick") -> FinetuneConfig:
+    """The task's config: the recipe's values, then the suite's per-task ones, then ``overrides`` (its fields only)."""
     cls = CONFIGS[task.kind]
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - {"recipe"}
     values = {**task.defaults, **{k: v for k, v in overrides.items() if k in names}}
-    return cls(**values, data=str(data_root / task.subdir), output_dir=str(output_dir / task.name))
+    return make_config(cls, recipe, **values, data=str(data_root / task.subdir), output_dir=str(output_dir / task.name))
+
+
+def default_recipe() -> str:
+    """The paper's recipe where a GPU makes it affordable (20 NER epochs), the quick one on a CPU."""
+    import torch
+
+    return "biobert" if torch.cuda.is_available() else "quick"
 
 
 def run_task(cfg: FinetuneConfig, kind: str) -> dict:
@@ -90,21 +101,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     given = vars(build_parser(NERConfig, REConfig, QAConfig, only_given=True).parse_args(rest))
     given.pop("data", None)
     given.pop("output_dir", None)
+    why = "given" if "recipe" in given else ("a GPU is present" if default_recipe() == "biobert" else "no GPU")
+    recipe = given.pop("recipe", None) or default_recipe()
+    print(f"recipe: {recipe} ({why}; --recipe biobert|quick to choose)", flush=True)
     rows = []
     for task in SUITE:
         if task.name not in args.tasks:
             continue
-        cfg = task_config(task, args.data_root, args.output_dir, given)
+        cfg = task_config(task, args.data_root, args.output_dir, given, recipe)
         t0 = time.perf_counter()
         metrics = run_task(cfg, task.kind)
-        row = {"task": task.name, "kind": task.kind, "seconds": time.perf_counter() - t0,
+        row = {"task": task.name, "kind": task.kind, "recipe": recipe, "seconds": time.perf_counter() - t0,
                "train_examples_per_s": _train_speed(metrics)}
         row.update({k: metrics[k] for k in metrics if k.split("_std")[0] in SCORES[task.kind]})
         rows.append(row)
         print(f"{task.name}: " + " ".join(f"{k}={row[k]:.4f}" for k in SCORES[task.kind]))
     write_json(args.output_dir / "summary.json", rows)
-    write_text(args.output_dir / "summary.md", summary_markdown(rows))
-    print(summary_markdown(rows))
+    md = f"recipe: {recipe} ({why})\n\n" + summary_markdown(rows)
+    write_text(args.output_dir / "summary.md", md)
+    print(md)
     return rows
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from finetuning.common import (
     find_split,
     load_tokenizer,
+    no_learning_warning,
     require_data_dir,
     results_line,
     subsample,
@@ -114,6 +115,14 @@ def main(cfg: NERConfig) -> dict:
             write_text(cfg.output_path(f"{name}_predictions.tsv"), conll_text(f, pred))
     final = metrics.get("test") or metrics.get("dev") or {}
     metrics.update({k: final[k] for k in ("precision", "recall", "f1", "per_type") if k in final})
+    checked = "dev" if "dev" in metrics else "test" if "test" in metrics else None
+    if cfg.do_train and checked:
+        # A sparse entity type at a short schedule can end with every token "O": say so instead of a silent F1 of 0.
+        metrics["collapsed"] = metrics[checked]["n_pred_entities"] == 0
+        if metrics["collapsed"]:
+            metrics["warnings"] = [no_learning_warning("no entity predicted", checked, cfg)]
+            if rt.is_main:
+                print(metrics["warnings"][0], file=sys.stderr, flush=True)
     metrics["config"] = to_dict(cfg)
     if rt.is_main:
         if cfg.do_train and cfg.save_model:

@@ -20,6 +20,7 @@ import numpy as np
 from finetuning.common import (
     find_split,
     load_tokenizer,
+    no_learning_warning,
     require_data_dir,
     results_line,
     subsample,
@@ -75,6 +76,14 @@ def run_split(cfg: REConfig, rt: Runtime, task: RETask, model_dir, train, dev, t
     for name, examples, wanted in (("dev", dev, cfg.do_eval), ("test", test, cfg.do_predict)):
         if examples and wanted:
             result[name], pred = task.evaluate(model, examples, rt)
+            if train is not None and "collapsed" not in result and len(examples) > 1:
+                # The first scored split (dev when there is one): one class for every example is a model that has
+                # not left the majority-class solution.
+                result["collapsed"] = len(set(pred)) == 1
+                if result["collapsed"]:
+                    result["warnings"] = [no_learning_warning(f"every example predicted {pred[0]!r}", name, cfg)]
+                    if rt.is_main:
+                        print(result["warnings"][0], file=sys.stderr, flush=True)
             if rt.is_main:
                 write_text(os.path.join(out_dir, f"{name}_predictions.tsv"), _predictions_tsv(examples, pred))
     if rt.is_main and save_model and train is not None:
@@ -141,6 +150,9 @@ def main(cfg: REConfig) -> dict:
                 write_json(os.path.join(out, "metrics.json"), result)
                 print(results_line(f"re fold {k}", result, SCORE_KEYS))
         metrics["folds"] = per_fold
+        metrics["collapsed"] = any(r.get("collapsed") for r in per_fold)
+        if metrics["collapsed"]:
+            metrics["warnings"] = [f"fold {r['fold']}: {w}" for r in per_fold for w in r.get("warnings", [])]
         for key in SCORE_KEYS:
             values = [r[key] for r in per_fold]
             metrics[key] = statistics.fmean(values)

@@ -19,7 +19,7 @@ import dataclasses
 import statistics
 
 from finetuning.common import write_json, write_text
-from finetuning.config import build_parser
+from finetuning.config import parse_config
 from finetuning.evaluate_all import CONFIGS, SCORES, run_task
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, rest = parser.parse_known_args(argv)
     rest = [a for a in rest if a != "--"]
     cls = CONFIGS[args.task]
-    base = cls(**{k: v for k, v in vars(build_parser(cls).parse_args(rest)).items() if k != "local_rank"})
+    base = parse_config(cls, rest)  # --recipe and any task flag
     keys = SCORES[args.task]
     runs = []
     for lr in args.learning_rates or [base.learning_rate]:
