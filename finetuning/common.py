@@ -113,3 +113,11 @@ def results_line(task: str, metrics: dict, keys: Sequence[str]) -> str:
     dev = metrics.get("dev") or {}
     return (f"RESULT {task}: no test score; dev only (it also chose the epoch): "
             + " ".join(f"{k}={dev[k]:.4f}" for k in keys if k in dev))
+
+
+def no_learning_warning(what: str, split: str, cfg) -> str:
+    """The one line a run prints (and metrics.json keeps) when training ended on a degenerate model."""
+    return (f"warning: {what} on {split} after {cfg.epochs:g} epochs at learning rate {cfg.learning_rate:g}: the "
+            f"model has not learned the task yet (too little signal for these settings); likely remedies: more "
+            f"epochs (--epochs {max(10, 2 * cfg.epochs):g}, or --recipe biobert), a higher learning rate "
+            f"(--learning-rate {2 * cfg.learning_rate:g}), more training examples")

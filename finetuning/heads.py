@@ -43,7 +43,9 @@ class BertForTokenClassification(_Head):
         logits = self.classifier(self.dropout(sequence))
         out = {"logits": logits}
         if labels is not None:
-            out["loss"] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            # The mean over labelled tokens, 0 (not NaN) for a batch without any.
+            total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+            out["loss"] = total / (labels != -100).sum().clamp(min=1)
         return out
 
 

@@ -12,13 +12,13 @@ import sys
 
 import numpy as np
 
-from biobert.config import parse
 from biobert.errors import UserError, run
 from biobert.files import atomic_write, atomic_write_json
 from finetuning.common import (
     find_split,
     held_out_source,
     load_tokenizer,
+    no_learning_warning,
     no_test_note,
     require_data_dir,
     results_line,
@@ -26,7 +26,7 @@ from finetuning.common import (
     subsample,
     trained_labels,
 )
-from finetuning.config import NERConfig, to_dict
+from finetuning.config import NERConfig, parse_task, to_dict
 from finetuning.heads import BertForTokenClassification, load_head, resolve_model
 from finetuning.metrics import ner_scores
 from finetuning.ner_data import TAG_PATTERN, NERFile, conll_text, convert_tags, encode_sentences, label_list, read_conll
@@ -134,6 +134,14 @@ def main(cfg: NERConfig) -> dict:
     metrics.update({k: final[k] for k in ("precision", "recall", "f1", "per_type") if k in final})
     if "test" not in metrics and cfg.do_predict:
         metrics["no_test_score"] = no_test_note(data)
+    checked = "dev" if "dev" in metrics else "test" if "test" in metrics else None
+    if cfg.do_train and checked:
+        # A sparse entity type at a short schedule can end with every token "O": say so instead of a silent F1 of 0.
+        metrics["collapsed"] = metrics[checked]["n_pred_entities"] == 0
+        if metrics["collapsed"]:
+            metrics["warnings"] = [no_learning_warning("no entity predicted", checked, cfg)]
+            if rt.is_main:
+                print(metrics["warnings"][0], file=sys.stderr, flush=True)
     metrics["config"] = to_dict(cfg)
     if rt.is_main:
         if cfg.do_train and cfg.save_model:
@@ -146,7 +154,7 @@ def main(cfg: NERConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    main(parse(NERConfig, argv, prog="biobert ner", description=__doc__))
+    main(parse_task(NERConfig, argv, prog="biobert ner", description=__doc__))
     return 0
 
 

@@ -16,12 +16,11 @@ import logging
 import sys
 from pathlib import Path
 
-from biobert.config import parse
 from biobert.errors import UserError, run
 from biobert.files import atomic_write, atomic_write_json
 from finetuning.bioasq import predictions_to_bioasq
 from finetuning.common import find_split, load_tokenizer, no_test_note, require_data_dir, results_line, subsample
-from finetuning.config import QAConfig, to_dict
+from finetuning.config import QAConfig, parse_task, to_dict
 from finetuning.heads import BertForQuestionAnswering, checkpoint_keys, load_head, resolve_model
 from finetuning.metrics import bioasq_factoid_scores, squad_exact, squad_f1
 from finetuning.qa_data import (
@@ -154,7 +153,7 @@ def main(cfg: QAConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    main(parse(QAConfig, argv, prog="biobert qa", description=__doc__))
+    main(parse_task(QAConfig, argv, prog="biobert qa", description=__doc__))
     return 0
 
 

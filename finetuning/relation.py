@@ -16,13 +16,13 @@ import sys
 
 import numpy as np
 
-from biobert.config import parse
 from biobert.errors import UserError, run
 from biobert.files import atomic_write, atomic_write_json
 from finetuning.common import (
     find_split,
     held_out_source,
     load_tokenizer,
+    no_learning_warning,
     no_test_note,
     require_data_dir,
     results_line,
@@ -30,7 +30,7 @@ from finetuning.common import (
     subsample,
     trained_labels,
 )
-from finetuning.config import REConfig, to_dict
+from finetuning.config import REConfig, parse_task, to_dict
 from finetuning.heads import BertForSequenceClassification, load_head, resolve_model
 from finetuning.metrics import classification_scores
 from finetuning.relation_data import (
@@ -81,6 +81,14 @@ def run_split(cfg: REConfig, rt: Runtime, task: RETask, model_dir, train, dev, t
     for name, examples, wanted in (("dev", dev, cfg.do_eval), ("test", test, cfg.do_predict)):
         if examples and wanted:
             result[name], pred = task.evaluate(model, examples, rt)
+            if train is not None and "collapsed" not in result and len(examples) > 1:
+                # The first scored split (dev when there is one): one class for every example is a model that has
+                # not left the majority-class solution.
+                result["collapsed"] = len(set(pred)) == 1
+                if result["collapsed"]:
+                    result["warnings"] = [no_learning_warning(f"every example predicted {pred[0]!r}", name, cfg)]
+                    if rt.is_main:
+                        print(result["warnings"][0], file=sys.stderr, flush=True)
             if rt.is_main:
                 atomic_write(os.path.join(out_dir, f"{name}_predictions.tsv"), _predictions_tsv(examples, pred))
     if rt.is_main and save_model and train is not None:
@@ -152,6 +160,9 @@ def main(cfg: REConfig) -> dict:
                 print(results_line(f"re fold {k}", result, SCORE_KEYS))
         metrics["folds"] = per_fold
         metrics["test_source"] = f"{cfg.cv_folds}-fold stratified cross-validation over train (+dev), seed {cfg.seed}"
+        metrics["collapsed"] = any(r.get("collapsed") for r in per_fold)
+        if metrics["collapsed"]:
+            metrics["warnings"] = [f"fold {r['fold']}: {w}" for r in per_fold for w in r.get("warnings", [])]
         for key in SCORE_KEYS:
             values = [r[key] for r in per_fold]
             metrics[key] = statistics.fmean(values)
@@ -170,7 +181,7 @@ def main(cfg: REConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    main(parse(REConfig, argv, prog="biobert re", description=__doc__))
+    main(parse_task(REConfig, argv, prog="biobert re", description=__doc__))
     return 0
 
 

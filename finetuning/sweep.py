@@ -14,10 +14,11 @@ import statistics
 import sys
 from dataclasses import dataclass
 
-from biobert.config import build, option, parse_suite
+from biobert.config import option, parse_suite
 from biobert.errors import run
 from biobert.files import atomic_write, atomic_write_json
 from finetuning.common import headline
+from finetuning.config import build_task
 from finetuning.evaluate_all import CONFIGS, SCORES, run_task
 
 
@@ -66,7 +67,7 @@ class SweepConfig:
 
 
 def main(cfg: SweepConfig, task_values: dict) -> dict:
-    base = build(CONFIGS[cfg.task], task_values, cfg.task)
+    base = build_task(CONFIGS[cfg.task], task_values)  # --recipe and any task flag
     keys = SCORES[cfg.task]
     runs = []
     for lr in cfg.learning_rates or [base.learning_rate]:

@@ -23,6 +23,7 @@ def test_ner_learns_and_writes_outputs(shared_data, minilm_dir, tmp_path):
     m = main(cfg)
     # An untrained tagger finds ~no disease mention (F1 ~0); 300 sentences give a clearly non-trivial F1.
     assert m["f1"] > 0.2, m["train"]["history"]
+    assert m["collapsed"] is False and "warnings" not in m
     assert set(m["per_type"]) <= {"Disease"} and m["test"]["n_gold_entities"] > 20
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["f1"] == pytest.approx(m["f1"]) and saved["train"]["train_examples_per_s"] > 0
@@ -59,6 +60,7 @@ def test_re_learns_on_gad_with_header_and_index_tsv(shared_data, minilm_dir, tmp
     majority = max(sum(e.label == c for e in test) for c in ("0", "1")) / len(test)
     assert m["negative_label"] == "0" and m["labels"] == ["0", "1"]
     assert m["accuracy"] > majority + 0.08, (m["accuracy"], majority, m["train"]["history"])
+    assert m["collapsed"] is False
     rows = (tmp_path / "out/test_predictions.tsv").read_text().splitlines()
     assert rows[0] == "index\tline\tgold\tprediction\tsentence" and len(rows) == 201 and rows[1].startswith("0\t2\t")
     assert [r.split("\t")[2] for r in rows[1:]] == [e.label for e in test]
@@ -107,3 +109,51 @@ def test_qa_learns_and_aggregates_by_question(shared_data, minilm_dir, tmp_path)
     again = main(QAConfig(**{**cfg.__dict__, "model": str(tmp_path / "model"), "do_train": False,
                              "output_dir": str(tmp_path / "eval")}))
     assert again["qa_head_from_checkpoint"] and again["mrr"] == pytest.approx(m["mrr"])
+
+
+def _few_entity_ner_dir(shared_data, path, n_free=47):
+    """n_free entity-free training sentences and one with an entity; dev and test dense (real NCBI sentences)."""
+    from finetuning.bench_data import has_entity
+
+    train = read_conll(shared_data / "ner/NCBI-disease-IOB/train.tsv").sentences
+    picked = [s for s in train if not has_entity(s)][:n_free] + [next(s for s in train if has_entity(s))]
+    path.mkdir()
+    text = "".join("".join(f"{t}\t{g}\n" for t, g in zip(s.tokens, s.tags)) + "\n" for s in picked)
+    (path / "train.tsv").write_text(text)
+    dev = read_conll(shared_data / "ner/NCBI-disease-IOB/devel.tsv").sentences[:40]
+    (path / "devel.tsv").write_text("".join("".join(f"{t}\t{g}\n" for t, g in zip(s.tokens, s.tags)) + "\n"
+                                            for s in dev))
+    return path
+
+
+def test_ner_that_learned_only_o_says_so(shared_data, minilm_dir, tmp_path, capsys):
+    from finetuning.ner import main
+
+    data = _few_entity_ner_dir(shared_data, tmp_path / "data")
+    cfg = NERConfig(model=str(minilm_dir), data=str(data), output_dir=str(tmp_path / "out"), epochs=2,
+                    learning_rate=3e-4, save_model=False, **QUICK)
+    m = main(cfg)
+    assert m["dev"]["n_pred_entities"] == 0 and m["collapsed"] is True
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == m["warnings"][0] and line.startswith("warning: no entity predicted on dev after 2 epochs")
+    assert "--epochs 10" in line and "--learning-rate 0.0006" in line
+    saved = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert saved["collapsed"] is True and saved["warnings"] == m["warnings"]
+
+
+def test_re_that_predicts_one_class_says_so(shared_data, minilm_dir, tmp_path, capsys):
+    from finetuning.relation import main
+    from finetuning.relation_data import read_re_file
+
+    examples = read_re_file(shared_data / "re/GAD/train.tsv")
+    train = [e for e in examples if e.label == "0"][:47] + [next(e for e in examples if e.label == "1")]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text("".join(f"{e.text}\t{e.label}\n" for e in train))
+    (data / "test.tsv").write_text("".join(f"{e.text}\t{e.label}\n" for e in examples[-40:]))
+    cfg = REConfig(model=str(minilm_dir), data=str(data), output_dir=str(tmp_path / "out"), epochs=2,
+                   learning_rate=3e-4, save_model=False, **QUICK)
+    m = main(cfg)
+    assert m["collapsed"] is True and m["warnings"][0].startswith("warning: every example predicted '0' on test")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == m["warnings"][0]
+    assert json.loads((tmp_path / "out/metrics.json").read_text())["warnings"] == m["warnings"]

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from finetuning.benchmark import cli, markdown, summarise, verdict
+from biobert.config import parse_suite
+from finetuning.benchmark import FinetuneBenchConfig, main, markdown, summarise, verdict
+from finetuning.config import TASK_CONFIGS
 
 
 def _runs(f1s, speeds):
@@ -34,9 +36,9 @@ def test_two_seeds_both_systems_end_to_end(minilm_dir, tmp_path):
     (data / "train.tsv").write_text("".join(rows))
     (data / "test.tsv").write_text("".join(rows[:6]))
     out = tmp_path / "out"
-    result = cli(["--model", str(minilm_dir), "--data-root", str(tmp_path / "data"), "--tasks", "NCBI-disease",
-                   "--seeds", "1", "2", "--epochs", "1", "--batch-size", "6",
-                   "--num-threads", "2", "--output-dir", str(out)])
+    argv = ["--model", str(minilm_dir), "--data-root", str(tmp_path / "data"), "--tasks", "NCBI-disease",
+            "--seeds", "1", "2", "--epochs", "1", "--batch-size", "6", "--num-threads", "2", "--output-dir", str(out)]
+    result = main(*parse_suite(FinetuneBenchConfig, TASK_CONFIGS.values(), argv, prog="t"))
     assert [r["system"] for r in result] == ["ours", "hf_trainer"]
     saved = json.loads((out / "benchmark.json").read_text())
     for row in saved["rows"]:
@@ -45,3 +47,30 @@ def test_two_seeds_both_systems_end_to_end(minilm_dir, tmp_path):
     assert saved["verdicts"][0].startswith("NCBI-disease: ours - HF Trainer f1")
     assert saved["config"]["batch_size"] == "6"  # config flags reach both systems
     assert (out / "seed1" / "NCBI-disease" / "metrics.json").is_file() and (out / "benchmark.md").is_file()
+
+
+def test_parity_targets_flag_score_collapse_and_speed():
+    from finetuning.benchmark import targets
+
+    rows = summarise("NER-sparse", "ner", {"ours": _runs([0.40, 0.0, 0.38], [40, 40, 40]),
+                                           "hf_trainer": _runs([0.41, 0.35, 0.40], [20, 20, 20])})
+    line = targets(rows)
+    assert line.startswith("NER-sparse targets: score FAIL") and "no collapse FAIL (seed runs [2])" in line
+    assert "speed ok (2.00x" in line
+    rows = summarise("ChemProt", "re", {"ours": _runs([0.50, 0.52], [30, 30]), "hf_trainer": _runs([0.50, 0.51], [25, 25])})
+    assert targets(rows) == ("ChemProt targets: score ok (+0.0050, margin -0.005), no collapse ok, "
+                             "speed FAIL (1.20x, target 1.5x)")
+
+
+def test_parity_plan_writes_the_dense_and_sparse_sets(shared_data, tmp_path):
+    from finetuning.bench_data import density
+    from finetuning.benchmark import _parity_plan
+    from finetuning.ner_data import read_conll
+
+    plan = _parity_plan(shared_data, tmp_path, ["NER-dense", "NER-sparse", "ChemProt"])
+    assert [(t.name, t.kind) for t, _, _ in plan] == [("NER-dense", "ner"), ("NER-sparse", "ner"), ("ChemProt", "re")]
+    dense = read_conll(tmp_path / "ner/NER-dense/train.tsv").sentences
+    sparse = read_conll(tmp_path / "ner/NER-sparse/train.tsv").sentences
+    assert len(dense) == 1450 and density(dense)[2] > 0.5
+    assert len(sparse) == 1400 and density(sparse)[1:] == (168, 0.12)
+    assert plan[2][1] == shared_data and plan[2][2] == {"max_train_examples": 1000, "max_eval_examples": 500}

@@ -29,3 +29,43 @@ def test_invalid_values_fail(cls, kwargs):
 def test_cli_error_is_a_message():
     with pytest.raises(ValueError, match="cv_folds"):
         parse(REConfig, ["--data", "d", "--cv-folds", "1"], prog="t")
+
+
+def test_recipes_are_data_applied_under_explicit_flags():
+    from finetuning.config import RECIPES, make_config, parse_task
+
+    quick = parse_task(NERConfig, ["--data", "d"], prog="t")
+    assert quick.recipe == "quick" and quick.epochs == 5.0 and quick.max_seq_len == 128 and quick.warmup_ratio == 0
+    paper = parse_task(NERConfig, ["--data", "d", "--recipe", "biobert"], prog="t")
+    assert (paper.recipe, paper.epochs, paper.max_seq_len, paper.select_on_dev) == ("biobert", 20.0, 192, True)
+    assert paper.warmup_ratio == 0.1
+    flag_wins = parse_task(NERConfig, ["--data", "d", "--recipe=biobert", "--epochs", "4"], prog="t")
+    assert (flag_wins.epochs, flag_wins.max_seq_len) == (4.0, 192)  # a flag beats the recipe, the rest stays
+    qa = make_config(QAConfig, "biobert", data="d")
+    assert (qa.batch_size, qa.learning_rate, qa.max_seq_len) == (12, 8e-6, 384)
+    assert make_config(REConfig, "biobert", data="d").epochs == RECIPES["biobert"]["re"]["epochs"]
+    with pytest.raises(ValueError, match="recipe must be one of quick, biobert, got 'fast'"):
+        parse_task(NERConfig, ["--data", "d", "--recipe", "fast"], prog="t")
+    with pytest.raises(ValueError, match="recipe"):
+        make_config(NERConfig, "fast", data="d")
+
+
+def test_suite_builds_tasks_over_their_recipe():
+    from finetuning.config import build_task
+
+    cfg = build_task(NERConfig, {"data": "d", "recipe": "biobert", "epochs": "2"})
+    assert (cfg.epochs, cfg.max_seq_len, cfg.recipe) == (2.0, 192, "biobert")
+    assert build_task(REConfig, {"data": "d"}).recipe == "quick"
+
+
+def test_every_field_has_help_and_help_names_the_recipe(capsys):
+    import dataclasses
+
+    from finetuning.config import parse_task
+
+    for cls in (NERConfig, REConfig, QAConfig):
+        assert all(f.metadata.get("help") for f in dataclasses.fields(cls)), cls
+    with pytest.raises(SystemExit):
+        parse_task(NERConfig, ["--help"], prog="t")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "quick: short runs sized for a CPU" in text and "--recipe biobert sets: --epochs 20.0" in text
