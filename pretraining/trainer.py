@@ -19,7 +19,7 @@ import torch
 
 from pretraining import checkpoint as ckpt
 from pretraining import distributed as dist
-from pretraining import numerics, preemption
+from pretraining import numerics, preemption, warm_start
 from pretraining.config import PRESETS, RunConfig
 from pretraining.metrics import MetricsLogger, batch_flops, device_name, peak_tflops
 
@@ -63,13 +63,20 @@ def build_model(cfg: RunConfig):
     return BertForPreTraining(config).train(), tokenizer
 
 
+def special_token_ids(tokenizer_dir) -> list[int]:
+    from data_prep.contract import read_vocab_tokens
+
+    vocab = {t: i for i, t in enumerate(read_vocab_tokens(tokenizer_dir))}
+    return [vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab]
+
+
 def build_loader(cfg: RunConfig, model_config, tokenizer_dir, start_sample: int, exclude=()):
     from data_prep.contract import read_vocab_tokens
     from pretraining.data import PretrainingLoader
 
     world = dist.world_size()
     vocab = {t: i for i, t in enumerate(read_vocab_tokens(tokenizer_dir))}
-    special = [vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab]
+    special = special_token_ids(tokenizer_dir)
     return PretrainingLoader(
         cfg.data.shard_dir, micro_batch_size=cfg.batch.micro(world), grad_accum_steps=cfg.grad_accum(world),
         rank=dist.rank(), world_size=world, seed=cfg.seed, start_sample=start_sample,
@@ -150,8 +157,17 @@ def _train(cfg: RunConfig, on_step, on_micro) -> dict:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
 
     o, s = cfg.optimizer, cfg.schedule
-    optimizer = build_optimizer(model, o.name, o.lr, o.betas, o.eps, o.weight_decay, device_type=device.type)
-    scheduler = build_scheduler(optimizer, s.warmup_steps, s.total_steps, s.kind, s.power)
+    head_warmup, fresh = warm_start.resolve_head_warmup(cfg, model)
+    mlm_bias = warm_start.init_mlm_bias(cfg, model, special_token_ids(tokenizer_dir)) if resume_from is None else None
+    if head_warmup and rank == 0:
+        log.warning("head warm-up: steps 1-%d train only the %d fresh parameters %s (lr %g), the weights loaded from "
+                    "%s stand still (model.head_warmup_steps=%s); then the whole model trains with its own %d-step "
+                    "warmup", head_warmup, len(fresh), sorted(fresh), o.lr, cfg.model.init,
+                    cfg.model.head_warmup_steps, s.warmup_steps)
+    optimizer = build_optimizer(model, o.name, o.lr, o.betas, o.eps, o.weight_decay, device_type=device.type,
+                                fresh=fresh)
+    scheduler = build_scheduler(optimizer, s.warmup_steps, s.total_steps, s.kind, s.power, head_warmup)
+    fresh_group = next((i for i, g in enumerate(optimizer.param_groups) if g["fresh"]), None)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     # A different dropout stream per rank; a resumed run restores the saved streams instead.
     random.seed(cfg.seed + rank)
@@ -187,7 +203,7 @@ def _train(cfg: RunConfig, on_step, on_micro) -> dict:
         while step < cfg.max_steps and not stopped:
             if on_step is not None:
                 on_step(step + 1, engine)
-            t0, data_wait, lr = time.perf_counter(), 0.0, scheduler.get_last_lr()[0]
+            t0, data_wait, lrs = time.perf_counter(), 0.0, scheduler.get_last_lr()
             stats = torch.zeros(_N, dtype=torch.float64)
             micro_losses, micro_ids = [], []  # per micro-batch, kept on device: no host sync per micro
             for i in range(accum):
@@ -220,7 +236,8 @@ def _train(cfg: RunConfig, on_step, on_micro) -> dict:
             grad_norm = engine.get_global_grad_norm()
             metrics.log(step, dict(
                 loss=loss, mlm_loss=float(stats[_MLM]) / (accum * world), nsp_loss=float(stats[_NSP]) / (accum * world),
-                mlm_acc=float(stats[_CORRECT]) / max(float(stats[_COUNT]), 1.0), lr=lr,
+                mlm_acc=float(stats[_CORRECT]) / max(float(stats[_COUNT]), 1.0), lr=lrs[0],
+                **({} if fresh_group is None else dict(lr_heads=lrs[fresh_group], head_warmup=step <= head_warmup)),
                 grad_norm=None if grad_norm is None else float(grad_norm), loss_scale=scale, **health,
                 samples=float(stats[_SAMPLES]), tokens=float(stats[_TOKENS]), flops=float(stats[_FLOPS]),
                 step_time=time.perf_counter() - t0, data_wait=data_wait,
@@ -235,7 +252,8 @@ def _train(cfg: RunConfig, on_step, on_micro) -> dict:
     finally:
         loader.close()
     summary = metrics.summary(final_step=step, skipped_steps=engine.skipped_steps,
-                              bad_shards=len(bad_shards), preempted=stopped)
+                              bad_shards=len(bad_shards), preempted=stopped, head_warmup_steps=head_warmup,
+                              mlm_bias_init=mlm_bias)
     metrics.close(summary)
     dist.barrier()
     return dict(losses=losses, step=step, samples_consumed=consumed, checkpoint=last_saved,
