@@ -143,7 +143,24 @@ def plan(cfg: CurveConfig) -> tuple[str, list[dict]]:
             points.append(dict(key=f"{names[run]}@{step}", series=names[run], step=step,
                                tokens=info["tokens_seen"].get(step), corpus_tokens=info["corpus_tokens"],
                                checkpoint=str(info["checkpoints"][step])))
-    return base, points
+    return base, [points[0], *coarse_to_fine(points[1:])]
+
+
+def coarse_to_fine(points: list[dict]) -> list[dict]:
+    """Evaluation order: each series' newest checkpoint first, then always the step farthest from those already done
+    (and from step 0), so a curve stopped early already spans the whole run."""
+    order, done = [], {}
+    todo = sorted(points, key=lambda p: (p["series"], -p["step"]))
+    while todo:
+        def gap(p):
+            seen = done.get(p["series"], [0])
+            return (p["step"] == max(q["step"] for q in points if q["series"] == p["series"]),
+                    min(abs(p["step"] - s) for s in seen), -len(seen))
+        best = max(todo, key=gap)
+        todo.remove(best)
+        order.append(best)
+        done.setdefault(best["series"], [0]).append(best["step"])
+    return order
 
 
 def _series_names(runs: list[str]) -> dict[str, str]:
@@ -207,9 +224,12 @@ def evaluate(cfg: CurveConfig, base: str, points: list[dict]) -> dict:
 
 
 def table(results: dict, seeds: list[int], metric: str) -> list[dict]:
-    """One row per point: mean and sample std of `metric` over the requested seeds that are done."""
+    """One row per point (step 0, then by series and step, or by corpus size): mean and sample std of `metric` over
+    the requested seeds that are done."""
+    by_corpus = results["settings"]["by"] == "corpus"
     rows = []
-    for key, p in results["points"].items():
+    for key, p in sorted(results["points"].items(), key=lambda kv: (
+            kv[0] != BASE, kv[1]["corpus_tokens"] if by_corpus else 0, kv[1]["series"], kv[1]["step"])):
         values = [p["seeds"][str(s)][metric] for s in seeds if str(s) in p["seeds"]]
         if values:
             rows.append(dict(key=key, series=p["series"], step=p["step"], tokens=p["tokens"],

@@ -126,6 +126,15 @@ def test_corpus_size_variant(tiny_run, ner_data, tmp_path, shared_data, minilm_d
         torch.set_num_threads(n)
     result = pc.main(_cfg(run, ner_data, tmp_path / "c", by="corpus", seeds=[1], runs=[str(run), str(tmp_path / "big")]))
     rows = {r["key"]: r for r in result["rows"]}
-    assert list(rows) == ["step0", "run@4", "big@2"]  # the newest checkpoint of each run
+    assert list(rows) == ["step0", "run@4", "big@2"]  # the newest checkpoint of each run, by corpus size
     assert 1.8 < rows["big@2"]["corpus_tokens"] / rows["run@4"]["corpus_tokens"] < 2.2
     assert Path(result["png"]).stat().st_size > 5000
+
+
+def test_points_run_coarse_to_fine():
+    from finetuning.pretraining_curve import coarse_to_fine
+
+    pts = [dict(series=s, step=k) for s in ("a", "b") for k in (50, 100, 150, 200, 250, 300)]
+    order = [(p["series"], p["step"]) for p in coarse_to_fine(pts)]
+    assert order[:4] == [("a", 300), ("b", 300), ("a", 150), ("b", 150)]  # the ends first, then the middle
+    assert sorted(order) == sorted((p["series"], p["step"]) for p in pts)

@@ -117,3 +117,36 @@ def test_scheduler_factors_per_group():
     assert head_warmup_multipliers(0, 0, 2, 10) == (0.5, 0.5)  # no warm-up: both follow the plain schedule
     with pytest.raises(ValueError, match="fresh parameter groups"):
         build_scheduler(torch.optim.AdamW(model.parameters()), 2, 10, head_warmup_steps=4)
+
+
+def test_mlm_bias_starts_at_the_shards_log_unigram_prior(tmp_path, shards, headless):
+    import h5py
+    import numpy as np
+
+    from pretraining.model import BertForPreTraining, save_pretrained
+    from pretraining.trainer import build_model
+    from pretraining.warm_start import init_mlm_bias, unigram_log_prior
+
+    prior = unigram_log_prior(shards, 100, special_ids=range(5))
+    counts = np.zeros(100)
+    for f in sorted(shards.glob("*.hdf5")):  # every token of the synthetic shards (far below the read budget)
+        with h5py.File(f) as h:
+            ids, real = h["input_ids"][:], h["input_mask"][:].astype(bool)
+            counts += np.bincount(ids[real], minlength=100)
+            counts += np.bincount(h["masked_lm_ids"][:][h["masked_lm_positions"][:] != 0], minlength=100)
+    counts[:5] = 0
+    expected = np.log((counts + 1) / (counts + 1).sum())
+    assert torch.allclose(prior, torch.from_numpy(expected).float(), atol=1e-5)
+    assert float(torch.logsumexp(prior, 0)) == pytest.approx(0.0, abs=1e-5)
+
+    cfg = ef.synth_cfg(tmp_path / "a", shards, max_steps=20, model={"init": str(headless)})
+    model, _ = build_model(cfg)
+    assert init_mlm_bias(cfg, model, range(5)) == "prior"
+    assert torch.equal(model.cls.predictions.bias.detach()[:100], prior)
+    scratch = ef.synth_cfg(tmp_path / "b", shards, max_steps=20)
+    model, _ = build_model(scratch)
+    assert init_mlm_bias(scratch, model) == "zero" and not model.cls.predictions.bias.detach().any()  # BERT's init
+    full = save_pretrained(BertForPreTraining(model.config), tmp_path / "full", tokenizer_dir=shards)
+    asked = ef.synth_cfg(tmp_path / "c", shards, max_steps=20, model={"init": str(full), "mlm_bias_init": "prior"})
+    with pytest.raises(ValueError, match="has a trained MLM bias"):
+        init_mlm_bias(asked, build_model(asked)[0])
