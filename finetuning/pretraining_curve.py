@@ -191,8 +191,40 @@ def _load_results(path: Path, wanted: dict) -> dict:
     return results
 
 
+def _lock(out: Path) -> Path:
+    """OUT/curve.lock (our pid): two curves writing one curve.json would each drop the other's results."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / "curve.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # left by a killed curve
+                continue
+            except PermissionError:
+                pass
+            raise ValueError(f"{out} is being written by another curve (pid {pid}); wait for it or use another "
+                             "--output-dir") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    raise ValueError(f"{lock}: could not take the lock")
+
+
 def evaluate(cfg: CurveConfig, base: str, points: list[dict]) -> dict:
     out = Path(cfg.output_dir)
+    lock = _lock(out)
+    try:
+        return _evaluate(cfg, base, points, out)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _evaluate(cfg: CurveConfig, base: str, points: list[dict], out: Path) -> dict:
     path = out / "curve.json"
     results = _load_results(path, settings(cfg, base))
     metric_keys = SCORES[cfg.task]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -99,6 +100,12 @@ def test_curve_refuses_mixed_settings_and_bad_input(tiny_run, ner_data, tmp_path
     changed.finetune["learning_rate"] = 1e-4
     with pytest.raises(ValueError, match="other settings"):
         pc.main(changed)
+    (out / "curve.lock").write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(ValueError, match="being written by another curve"):
+        pc.main(_cfg(run, ner_data, out, steps=[4], seeds=[1]))
+    (out / "curve.lock").write_text("999999999")  # a dead one: taken over
+    pc.main(_cfg(run, ner_data, out, steps=[4], seeds=[1]))
+    assert not (out / "curve.lock").exists()
     assert pc.cli([str(run), "--data", str(ner_data), "--output-dir", str(tmp_path / "x"), "--steps", "3"]) == 2
     assert pc.cli([str(tmp_path), "--data", str(ner_data), "--output-dir", str(tmp_path / "y")]) == 2
     with pytest.raises(ValueError, match="not ner options"):
