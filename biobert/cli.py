@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("finetuning.evaluate_all", "the BioBERT evaluation suite on one model -> summary table"),
     "sweep": ("finetuning.sweep", "seeds x learning rates for one task -> mean +- std"),
     "bioasq": ("finetuning.bioasq", "convert BioASQ JSON <-> SQuAD format / submissions"),
+    "curve": ("finetuning.pretraining_curve", "fine-tuning score vs pretraining steps, tokens or corpus size (Figure 2)"),
+    "subset": ("finetuning.bench_data", "dense or sparse (entity-thinned) NER training subsets of a corpus"),
     "bench": ("benchmarks.run", "benchmark suite: data prep, loader, training, fine-tuning vs baselines"),
     "gpu-check": ("benchmarks.gpu_check", "numerics, sync and speed checks on one NVIDIA GPU -> JSON"),
     "plan": ("launch.env", "what a launch will do here: hosts, ranks, master, batch split"),

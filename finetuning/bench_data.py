@@ -4,14 +4,20 @@ Sparse entity types (species, rare chemicals) are where fine-tuning recipes brea
 the all-O solution is a deep, early loss minimum. The shared disease corpora are dense (~55% of sentences have an
 entity); thinning keeps every entity-free sentence and a seeded sample of the entity-bearing ones, so a set with the
 density of a sparse corpus can be built from data every machine has.
+
+    biobert subset ner/NCBI-disease-IOB ncbi_sparse --n-train 1400 --entity-fraction 0.12
 """
 
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from biobert.config import option, parse
+from biobert.errors import UserError, run
 from biobert.files import atomic_write
 from finetuning.ner_data import NERFile, Sentence, conll_text, read_conll
 
@@ -64,3 +70,37 @@ def density(sentences: Sequence[Sentence]) -> tuple[int, int, float]:
     ents = sum(sum(t.startswith("B-") for t in s.tags) for s in sentences)
     with_ent = sum(has_entity(s) for s in sentences)
     return ents, with_ent, with_ent / max(1, len(sentences))
+
+
+@dataclass(kw_only=True)
+class SubsetConfig:
+    """A dense (first N sentences) or sparse (entity-thinned) NER training subset; dev/test kept at their density."""
+
+    src: str = option(help="a token-per-line NER directory with train.tsv, devel.tsv and test.tsv", positional=True)
+    out: str = option(help="where the subset's train/devel/test.tsv go", positional=True)
+    n_train: int = option(help="training sentences in the subset")
+    entity_fraction: float | None = option(None, "share of training sentences with an entity (default: the corpus's "
+                                                 "own, i.e. the first N sentences)")
+    n_eval: int | None = option(None, "dev/test sentences kept (default: all)")
+    seed: int = option(0, "seeds the sample of entity-bearing sentences")
+
+
+def main(cfg: SubsetConfig) -> dict:
+    for split in ("train", "devel", "test"):
+        if not (Path(cfg.src) / f"{split}.tsv").is_file():
+            raise UserError(f"{cfg.src}: no {split}.tsv (expected a token-per-line NER directory), give the corpus "
+                            "directory")
+    out = write_subset(cfg.src, cfg.out, cfg.n_train, cfg.entity_fraction, cfg.n_eval, cfg.seed)
+    ents, with_ent, frac = density(read_conll(out / "train.tsv").sentences)
+    result = {"out": str(out), "entities": ents, "sentences_with_entity": with_ent, "entity_fraction": round(frac, 4)}
+    print(" ".join(f"{k}={v}" for k, v in result.items()))
+    return result
+
+
+def cli(argv: list[str] | None = None) -> int:
+    main(parse(SubsetConfig, argv, prog="biobert subset", description=__doc__))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(cli))

@@ -401,7 +401,8 @@ def load_pretrained(model_dir, model_cls=BertForPreTraining, **config_overrides)
         setattr(config, key, value)
     model = model_cls(config)
     state_dict, path = _read_weights(model_dir)
-    load_state_dict_into(model, state_dict, str(path))
+    # what the directory lacked (freshly initialised): pretraining warms these heads up before touching the rest
+    model.init_missing_keys = tuple(load_state_dict_into(model, state_dict, str(path))["missing"])
     return model.eval()
 
 

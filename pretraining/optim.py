@@ -90,14 +90,19 @@ class Lamb(torch.optim.Optimizer):
         return [float(r) for r in self.lamb_coeffs]
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases and LayerNorm weights (every tensor with ndim < 2) get none."""
-    decay, no_decay = [], []
-    for p in model.parameters():  # deduplicated: a tied Parameter appears once
+def param_groups(model: torch.nn.Module, weight_decay: float, fresh: frozenset[str] | set[str] = frozenset()) -> list[dict]:
+    """Weight decay on matrices only: biases and LayerNorm weights (every tensor with ndim < 2) get none.
+
+    ``fresh`` names parameters that were freshly initialised (heads the start checkpoint lacked). They get groups of
+    their own, after the others and tagged ``fresh: True``, so that the scheduler can hold the loaded weights still
+    while the fresh heads warm up (build_scheduler's head_warmup_steps)."""
+    groups = {}
+    for name, p in model.named_parameters():  # deduplicated: a tied Parameter appears once, under its first name
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            key = (name in fresh, p.ndim < 2)
+            groups.setdefault(key, []).append(p)
+    return [{"params": groups[key], "weight_decay": 0.0 if key[1] else weight_decay, "fresh": key[0]}
+            for key in sorted(groups)]
 
 
 def _load(path: str) -> type:
@@ -175,9 +180,10 @@ def plan_precision(ds_config: dict) -> PrecisionPlan:
 
 def build_optimizer(model: torch.nn.Module, name: str, lr: float, betas=(0.9, 0.999), eps: float = 1e-6,
                     weight_decay: float = 0.01, device_type: str = "cpu",
-                    plan: PrecisionPlan | None = None) -> torch.optim.Optimizer:
+                    plan: PrecisionPlan | None = None, fresh=frozenset()) -> torch.optim.Optimizer:
     """The fastest available implementation (`.implementation` names it). `plan`: clipping and loss scaling go into
-    the step when we own precision (ZeRO 0); without a plan the step only updates (and tracks the gradient norm)."""
+    the step when we own precision (ZeRO 0); without a plan the step only updates (and tracks the gradient norm).
+    `fresh`: names of freshly initialised parameters, given groups of their own (param_groups) for a head warm-up."""
     ours = plan is not None and plan.owner == "ours"
     extra = dict(max_grad_norm=plan.max_grad_norm, loss_scaler=plan.loss_scaler) if ours else {}
     if plan is not None and not ours:
@@ -185,7 +191,7 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, betas=(0.9, 0.
     failures = []
     for path, kernel in optimizer_candidates(name, device_type):
         try:  # fresh groups each try: optimizers write their defaults into the group dicts they are given
-            optimizer = _load(path)(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
+            optimizer = _load(path)(param_groups(model, weight_decay, fresh), lr=lr, betas=tuple(betas), eps=eps,
                                     weight_decay=weight_decay, kernel=kernel, **extra)
         except Exception as e:  # a DeepSpeed op not built at install time, a torch without the fused kernel
             failures.append(f"{path}[{kernel}]: {type(e).__name__}: {e}")
@@ -211,12 +217,44 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str 
     return remaining if schedule == "linear" else remaining**power
 
 
+def head_warmup_multipliers(step: int, head_warmup_steps: int, warmup_steps: int, total_steps: int,
+                            schedule: str = "linear", power: float = 1.0) -> tuple[float, float]:
+    """(loaded weights, fresh heads) lr factors for optimizer step `step` (0-based) with a head warm-up.
+
+    Steps [0, H): the loaded weights stand still (factor 0) while the fresh heads learn at the peak lr (after their own
+    ramp of min(warmup, H) steps). From step H the usual warmup + decay runs over [H, total) for the loaded weights;
+    the heads skip the re-ramp and follow the decay, so they never drop back to a tiny lr.
+    """
+    H = head_warmup_steps
+    if H <= 0:
+        return (lr_multiplier(step, warmup_steps, total_steps, schedule, power),) * 2
+    if step < H:
+        return 0.0, min(1.0, (step + 1) / max(1, min(warmup_steps, H)))
+    loaded = lr_multiplier(step - H, warmup_steps, total_steps - H, schedule, power)
+    return loaded, lr_multiplier(max(step - H, warmup_steps), warmup_steps, total_steps - H, schedule, power)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, schedule: str = "linear",
-                    power: float = 1.0) -> LambdaLR:
+                    power: float = 1.0, head_warmup_steps: int = 0) -> LambdaLR:
+    """Warmup + decay on every group; with ``head_warmup_steps`` > 0 a per-group factor (head_warmup_multipliers) on
+    the groups param_groups tagged ``fresh``. A factor of 0 leaves a parameter bit-identical in AdamW (the decay is
+    multiplied by lr) and LAMB (the step size is), and works under any ZeRO stage, which keeps the groups' lr."""
     if schedule not in ("linear", "poly"):
         raise ValueError(f"unknown lr schedule {schedule!r}: expected 'linear' or 'poly'")
     if not 0 <= warmup_steps <= total_steps or total_steps <= 0:
         raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}) and total_steps > 0")
     if power <= 0:
         raise ValueError(f"poly power must be > 0, got {power}")
-    return LambdaLR(optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, schedule, power))
+    if head_warmup_steps <= 0:
+        return LambdaLR(optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, schedule, power))
+    if head_warmup_steps + warmup_steps >= total_steps:
+        raise ValueError(f"head warm-up ({head_warmup_steps} steps) + warmup ({warmup_steps}) must be < total_steps "
+                         f"({total_steps}): nothing would be left to train the whole model")
+    if not any(g.get("fresh") for g in optimizer.param_groups):
+        raise ValueError("a head warm-up needs fresh parameter groups (param_groups(..., fresh=names))")
+
+    def factor(fresh: bool):
+        return lambda step: head_warmup_multipliers(step, head_warmup_steps, warmup_steps, total_steps, schedule,
+                                                    power)[int(fresh)]
+
+    return LambdaLR(optimizer, [factor(bool(g.get("fresh"))) for g in optimizer.param_groups])

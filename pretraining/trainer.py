@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from biobert import dist, tracking
 from biobert.errors import UserError
 from pretraining import checkpoint as ckpt
-from pretraining import numerics, preemption, run_record, shared_dir
+from pretraining import numerics, preemption, run_record, shared_dir, warm_start
 from pretraining.config import PRESETS, RunConfig
 from pretraining.evaluation import Validator
 from pretraining.metrics import MetricsLogger, batch_flops, device_name, peak_tflops
@@ -103,13 +103,20 @@ def build_model(cfg: RunConfig):
     return BertForPreTraining(config).train(), tokenizer
 
 
+def special_token_ids(tokenizer_dir) -> list[int]:
+    from data_prep.contract import read_vocab_tokens
+
+    vocab = {t: i for i, t in enumerate(read_vocab_tokens(tokenizer_dir))}
+    return [vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab]
+
+
 def build_loader(cfg: RunConfig, model_config, tokenizer_dir, start_sample: int, exclude=()):
     from data_prep.contract import read_vocab_tokens
     from pretraining.data import PretrainingLoader
 
     world = dist.world_size()
     vocab = {t: i for i, t in enumerate(read_vocab_tokens(tokenizer_dir))}
-    special = [vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab]
+    special = special_token_ids(tokenizer_dir)
     return PretrainingLoader(
         cfg.data.shard_dir, micro_batch_size=cfg.batch.micro(world), grad_accum_steps=cfg.grad_accum(world),
         rank=dist.rank(), world_size=world, seed=cfg.seed, start_sample=start_sample,
@@ -201,9 +208,17 @@ def _train(cfg: RunConfig, on_step, on_micro, step_guard, command) -> dict:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
 
     o, s = cfg.optimizer, cfg.schedule
+    head_warmup, fresh = warm_start.resolve_head_warmup(cfg, model)
+    mlm_bias = warm_start.init_mlm_bias(cfg, model, special_token_ids(tokenizer_dir)) if resume_from is None else None
+    if head_warmup and rank == 0:
+        log.warning("head warm-up: steps 1-%d train only the %d fresh parameters %s (lr %g), the weights loaded from "
+                    "%s stand still (model.head_warmup_steps=%s); then the whole model trains with its own %d-step "
+                    "warmup", head_warmup, len(fresh), sorted(fresh), o.lr, cfg.model.init,
+                    cfg.model.head_warmup_steps, s.warmup_steps)
     optimizer = build_optimizer(model, o.name, o.lr, o.betas, o.eps, o.weight_decay, device_type=device.type,
-                                plan=plan)
-    scheduler = build_scheduler(optimizer, s.warmup_steps, s.total_steps, s.kind, s.power)
+                                plan=plan, fresh=fresh)
+    scheduler = build_scheduler(optimizer, s.warmup_steps, s.total_steps, s.kind, s.power, head_warmup)
+    fresh_group = next((i for i, g in enumerate(optimizer.param_groups) if g["fresh"]), None)
     if cfg.model.compile:
         model.bert.compile_layers()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -257,7 +272,7 @@ def _train(cfg: RunConfig, on_step, on_micro, step_guard, command) -> dict:
         while step < cfg.max_steps and not stopped:
             if on_step is not None:
                 on_step(step + 1, engine)
-            data_wait, lr = 0.0, scheduler.get_last_lr()[0]
+            data_wait, lrs = 0.0, scheduler.get_last_lr()
             host = [0.0] * _NHOST
             device_sum, micro_losses, micro_ids = None, [], []  # kept on device: no host sync per micro or step
             with step_guard(step + 1) if step_guard is not None else contextlib.nullcontext():
@@ -291,7 +306,9 @@ def _train(cfg: RunConfig, on_step, on_micro, step_guard, command) -> dict:
             norm = engine.get_global_grad_norm()  # ours: a device tensor, the same on every rank (reduced grads)
             if isinstance(norm, torch.Tensor):
                 device_sum, norm = torch.cat([device_sum, norm.detach().float().reshape(1)]), "device"
-            pending.append(dict(step=step, device=device_sum, host=host, lr=lr, grad_norm=norm, data_wait=data_wait,
+            heads = {} if fresh_group is None else dict(lr_heads=lrs[fresh_group], head_warmup=step <= head_warmup)
+            pending.append(dict(step=step, device=device_sum, host=host, lr=lrs[0], heads=heads, grad_norm=norm,
+                                data_wait=data_wait,
                                 skipped=engine.skipped_steps, micro_losses=micro_losses, micro_ids=micro_ids,
                                 samples_consumed=consumed,
                                 loss_scale=_loss_scale(engine.optimizer) if cfg.precision == "fp16" else None))
@@ -324,7 +341,8 @@ def _train(cfg: RunConfig, on_step, on_micro, step_guard, command) -> dict:
         if id_log is not None:
             id_log.close()
     summary = metrics.summary(final_step=step, skipped_steps=engine.skipped_steps,
-                              bad_shards=len(bad_shards), preempted=stopped, **run_info)
+                              bad_shards=len(bad_shards), preempted=stopped, head_warmup_steps=head_warmup,
+                              mlm_bias_init=mlm_bias, **run_info)
     metrics.close(summary, finished=not stopped)
     dist.barrier()
     return dict(losses=losses, step=step, samples_consumed=consumed, checkpoint=last_saved,
@@ -350,7 +368,7 @@ def _flush(pending: list[dict], interval_start: float, micro_batches: int) -> li
         n_micro = len(p["micro_losses"])
         records.append(dict(
             step=p["step"], loss=loss / micro_batches, mlm_loss=mlm / micro_batches, nsp_loss=nsp / micro_batches,
-            mlm_acc=correct / max(host[_COUNT], 1.0), lr=p["lr"], grad_norm=None if norm is None else float(norm),
+            mlm_acc=correct / max(host[_COUNT], 1.0), lr=p["lr"], **p["heads"], grad_norm=None if norm is None else float(norm),
             loss_scale=p["loss_scale"], samples=host[_SAMPLES], tokens=host[_TOKENS], flops=host[_FLOPS],
             step_time=step_time, data_wait=p["data_wait"], compute_time=step_time - p["data_wait"],
             samples_consumed=p["samples_consumed"], skipped=p["skipped"],
