@@ -1,10 +1,12 @@
 """Ranks and the launch rules, defined once: who am I (any launcher), where is rank 0, which port, which device.
 
-Launchers and the variables they set (first match wins):
+Launchers and the variables they set (first match wins, so the launcher nearest the process goes first: mpirun
+inside a Slurm job hands its ranks the SLURM_PROCID/SLURM_NTASKS of the batch step or of the srun that started its
+daemon, which count those, not the ranks):
   deepspeed / torchrun / torch.distributed.run:  RANK, LOCAL_RANK, WORLD_SIZE (+ MASTER_ADDR/MASTER_PORT)
-  srun (Slurm):                                  SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS
   mpirun (Open MPI):                             OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_LOCAL_RANK, OMPI_COMM_WORLD_SIZE
   mpirun (MPICH / Intel MPI):                    PMI_RANK, MPI_LOCALRANKID, PMI_SIZE
+  srun (Slurm):                                  SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS
   plain `python`:                                one process; a private tcp:// rendezvous on a free local port
 Rules every launch path shares (the shell scripts take them from `biobert plan --shell`):
   master address: $MASTER_ADDR, else the first host of the Slurm node list, else 127.0.0.1
@@ -28,9 +30,9 @@ from biobert.files import free_port
 
 _SOURCES = (  # (launcher, rank, local rank, world size)
     ("torchrun/deepspeed", "RANK", "LOCAL_RANK", "WORLD_SIZE"),
-    ("srun", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
     ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
     ("mpich", "PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
+    ("srun", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),  # last: also inherited by ranks of mpirun in a job
 )
 DEFAULT_PORT = 29500
 

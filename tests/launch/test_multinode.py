@@ -77,8 +77,10 @@ def _ranks_seen(probe: Path) -> list[dict]:
     ranks = [r for r in recs if "deepspeed.launcher" not in r["cmd"] and "bash -c" not in r["cmd"]]
     for r in ranks:
         e = r["env"]
-        r["rank"] = int(e.get("RANK", e.get("SLURM_PROCID", e.get("OMPI_COMM_WORLD_RANK", -1))))
-        r["local"] = int(e.get("LOCAL_RANK", e.get("SLURM_LOCALID", e.get("OMPI_COMM_WORLD_LOCAL_RANK", -1))))
+        # the innermost launcher's numbering first (biobert.dist's order): mpirun's ranks inside a Slurm job also
+        # inherit the SLURM_* of the step that started mpirun or its daemon on their node
+        r["rank"] = int(e.get("RANK", e.get("OMPI_COMM_WORLD_RANK", e.get("SLURM_PROCID", -1))))
+        r["local"] = int(e.get("LOCAL_RANK", e.get("OMPI_COMM_WORLD_LOCAL_RANK", e.get("SLURM_LOCALID", -1))))
     return sorted(ranks, key=lambda r: (r["rank"], r["pid"]))
 
 
@@ -156,8 +158,8 @@ def test_data_prep_mpi_across_two_nodes(cluster, corpus, shards, tmp_path):
                               "NUM_SHARDS": "2"})
     state = cluster.wait(job, timeout=180)
     assert state == "COMPLETED", f"{state}\n{_log(tmp_path / 'prep.out')}"
-    ranks = _ranks_seen(probe)
-    assert sorted((r["rank"], r["host"]) for r in ranks) == list(enumerate(cluster.nodes_of(job)))
+    ranks, nodes = _ranks_seen(probe), cluster.nodes_of(job)
+    assert len(nodes) == 2 and sorted((r["rank"], r["host"]) for r in ranks) == list(enumerate(nodes)), ranks
     mine = json.loads((out / "manifest.json").read_text())["shards"]
     single = json.loads((shards / "manifest.json").read_text())["shards"]
     assert [s["sha256"] for s in mine] == [s["sha256"] for s in single] and len(mine) == 2

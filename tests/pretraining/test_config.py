@@ -159,6 +159,11 @@ def test_rank_discovery_from_every_launcher():
     assert (d.rank, d.world_size, d.launcher) == (1, 2, "openmpi")
     d = discover({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0"})
     assert (d.rank, d.world_size, d.launcher) == (2, 4, "mpich")
+    # mpirun inside a Slurm job: rank 1's daemon was started by a 1-task srun step on the second node, whose
+    # SLURM_* the rank inherits; its rank is mpirun's
+    d = discover({"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1", "OMPI_COMM_WORLD_RANK": "1",
+                  "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
+    assert (d.rank, d.local_rank, d.world_size, d.launcher) == (1, 0, 2, "openmpi")
     assert master_addr({"SLURM_JOB_NODELIST": "gpu[03-05,07],cpu1"}) == "gpu03"
     assert master_addr({"SLURM_JOB_NODELIST": "node7", "MASTER_ADDR": "10.0.0.1"}) == "10.0.0.1"
 
