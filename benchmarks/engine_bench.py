@@ -17,16 +17,18 @@ length, pretraining.metrics), then the speed-up ratio. Runs on one process (worl
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from biobert.config import check_choices, option, parse
+from biobert.errors import run
 from biobert.files import atomic_write_json
 
 
@@ -91,6 +93,46 @@ def hf_twin(ours) -> torch.nn.Module:
 ENGINES = ("ours", "ours_compiled", "hf_baseline")
 
 
+@dataclass(kw_only=True)
+class EngineBenchConfig:
+    """Our engine vs HF BertForPreTraining on the same preloaded batches, one process."""
+
+    deepspeed_config: str = option(help="DeepSpeed JSON (batch, precision, ZeRO, optimizer), read as a training run "
+                                        "reads it")
+    model: str = option("tiny", "tiny | base | large (random init) or an HF BERT directory")
+    tokenizer: str | None = option(None, "vocab for the presets (default: 30522 tokens, the BERT uncased size)")
+    seq_len: int = option(128, "sequence length of the synthetic shards (real --shards carry their own)")
+    micro_batch: int | None = option(None, "override the DeepSpeed config's train_micro_batch_size_per_gpu")
+    min_fill: float = option(0.25, "synthetic shards: most lengths are uniform in [seq_len * min_fill, seq_len]")
+    shards: str | None = option(None, "real data_prep shards instead of synthetic ones")
+    steps: int = option(5, "timed optimizer steps per engine")
+    warmup: int = option(2, "untimed optimizer steps before the clock starts")
+    seed: int = option(0, "seeds the weights, the synthetic shards and the loader")
+    peak_tflops: float | None = option(None, "peak TFLOPS for MFU (default: the device's data-sheet figure, or a "
+                                             "matmul probe on CPU)")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    only: str | None = option(None, "measure this engine alone: ours | ours_compiled | hf_baseline", choices=ENGINES)
+    compile: bool = option(False, "also measure ours_compiled (model.compile: torch.compile of the encoder layers)")
+    json: str | None = option(None, "also write the report here")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.steps < 1 or self.warmup < 0:
+            raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={self.steps} warmup={self.warmup}")
+        if self.seq_len < 8:
+            raise ValueError(f"seq_len must be >= 8, got {self.seq_len}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
+        if not 0 < self.min_fill <= 1:
+            raise ValueError(f"min_fill must be in (0, 1], got {self.min_fill}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"peak_tflops must be > 0, got {self.peak_tflops}")
+        if self.only == "ours_compiled" and not self.compile:
+            raise ValueError("--only ours_compiled measures nothing without --compile: add --compile")
+
+
 def build_engine(name: str, model, ds_config: dict, opt: dict, device):
     """-> (engine, step(batch) -> None, description). ``opt``: name, lr and optionally betas/eps/weight_decay.
 
@@ -153,7 +195,7 @@ def measure(step, batches: list[dict], config, steps: int, warmup: int, accum: i
     return dict(samples_per_s=samples / dt, tokens_per_s=tokens / dt, tflops=flops / dt / 1e12, seconds=dt)
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(cfg: EngineBenchConfig) -> dict:
     from transformers import BertConfig
 
     from biobert import dist
@@ -163,68 +205,68 @@ def main(args: argparse.Namespace) -> dict:
     from pretraining.metrics import device_name, peak_tflops
     from pretraining.model import BertForPreTraining, load_pretrained
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     dist.init()
     # the DeepSpeed JSON read the way a training run reads it (batch, precision, ZeRO, optimizer)
-    overrides = [("batch.micro_batch_size", args.micro_batch), ("batch.global_batch_size", None),
-                 ("batch.grad_accum_steps", None)] if args.micro_batch else []
-    run = load_config({"output_dir": "-", "max_steps": 1, "data": {"shard_dir": "-"}}, args.deepspeed_config,
-                      overrides)
-    accum, micro, precision = run.grad_accum(1), run.batch.micro(1), run.precision
-    opt = dataclasses.asdict(run.optimizer)
+    overrides = [("batch.micro_batch_size", cfg.micro_batch), ("batch.global_batch_size", None),
+                 ("batch.grad_accum_steps", None)] if cfg.micro_batch else []
+    run_cfg = load_config({"output_dir": "-", "max_steps": 1, "data": {"shard_dir": "-"}}, cfg.deepspeed_config,
+                          overrides)
+    accum, micro, precision = run_cfg.grad_accum(1), run_cfg.batch.micro(1), run_cfg.precision
+    opt = dataclasses.asdict(run_cfg.optimizer)
     device = dist.device()
 
-    torch.manual_seed(args.seed)
-    if args.model in PRESETS:
-        vocab = read_vocab_tokens(args.tokenizer) if args.tokenizer else None
-        config = BertConfig(vocab_size=len(vocab) if vocab else 30522, **PRESETS[args.model])
+    torch.manual_seed(cfg.seed)
+    if cfg.model in PRESETS:
+        vocab = read_vocab_tokens(cfg.tokenizer) if cfg.tokenizer else None
+        config = BertConfig(vocab_size=len(vocab) if vocab else 30522, **PRESETS[cfg.model])
         ours = BertForPreTraining(config)
     else:
-        ours = load_pretrained(args.model).train()
+        ours = load_pretrained(cfg.model).train()
         config = ours.config
     ours.train()
     hf = hf_twin(ours)
     compiled = None
-    if args.compile:
+    if cfg.compile:
         compiled = BertForPreTraining(config).train()
         compiled.load_state_dict(ours.state_dict())
 
-    n_batches = (args.steps + args.warmup) * accum
+    n_batches = (cfg.steps + cfg.warmup) * accum
     with tempfile.TemporaryDirectory() as tmp:
-        shard_dir = Path(args.shards) if args.shards else synthetic_shards(
-            Path(tmp) / "shards", args.seq_len, config.vocab_size, n_batches * micro, args.min_fill, args.seed)
+        shard_dir = Path(cfg.shards) if cfg.shards else synthetic_shards(
+            Path(tmp) / "shards", cfg.seq_len, config.vocab_size, n_batches * micro, cfg.min_fill, cfg.seed)
         loader = PretrainingLoader(shard_dir, micro_batch_size=micro, grad_accum_steps=accum, rank=0, world_size=1,
-                                   seed=args.seed, vocab_size=config.vocab_size, pack=True)
+                                   seed=cfg.seed, vocab_size=config.vocab_size, pack=True)
         it = iter(loader)
         batches = [next(it) for _ in range(n_batches)]
         loader.close()
     for b in batches:
         b.pop("sample_ids")
-    peak, peak_source = peak_tflops(device_name(), precision, args.peak_tflops)
-    ds = run.deepspeed_dict(1, config.hidden_size)
+    peak, peak_source = peak_tflops(device_name(), precision, cfg.peak_tflops)
+    ds = run_cfg.deepspeed_dict(1, config.hidden_size)
 
     results = {}
     for name, model in (("ours", ours), ("ours_compiled", compiled), ("hf_baseline", hf)):
-        if model is None or (args.only and name != args.only):
+        if model is None or (cfg.only and name != cfg.only):
             continue
         model.to(device)
         engine, step, how = build_engine(name, model, ds, opt, device)
-        r = measure(step, batches, config, args.steps, args.warmup, accum, device)
+        r = measure(step, batches, config, cfg.steps, cfg.warmup, accum, device)
         r["mfu"] = r["tflops"] / peak if peak == peak else None
         r["engine"] = how
         results[name] = r
         del engine, step
     seq = batches[0]["input_ids"].shape[1]
     fill = float(np.mean([float(b["attention_mask"].float().mean()) for b in batches]))
-    report = dict(device=device_name(), precision=precision, model=args.model, seq_len=seq, micro_batch=micro,
+    report = dict(device=device_name(), precision=precision, model=cfg.model, seq_len=seq, micro_batch=micro,
                   grad_accum=accum, fill=fill, peak_tflops=peak, peak_source=peak_source, results=results,
-                  data=str(args.shards or f"synthetic (min_fill {args.min_fill})"), torch_threads=torch.get_num_threads())
+                  data=str(cfg.shards or f"synthetic (min_fill {cfg.min_fill})"), torch_threads=torch.get_num_threads())
     if "ours" in results and "hf_baseline" in results:
         report["speedup"] = results["ours"]["samples_per_s"] / results["hf_baseline"]["samples_per_s"]
     if "ours_compiled" in results and "hf_baseline" in results:
         report["speedup_compiled"] = results["ours_compiled"]["samples_per_s"] / results["hf_baseline"]["samples_per_s"]
-    print(f"device {report['device']} | {precision} | model {args.model} | seq {seq} | micro {micro} x accum {accum} | "
+    print(f"device {report['device']} | {precision} | model {cfg.model} | seq {seq} | micro {micro} x accum {accum} | "
           f"non-padding fill {fill:.2f} | peak {peak:.3g} TFLOPS ({peak_source})")
     for name, r in results.items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
@@ -234,30 +276,13 @@ def main(args: argparse.Namespace) -> dict:
         print(f"  speed-up (ours / HF baseline, samples/s): {report['speedup']:.2f}x")
     if "speedup_compiled" in report:
         print(f"  speed-up (ours_compiled / HF baseline, samples/s): {report['speedup_compiled']:.2f}x")
-    if args.json:
-        atomic_write_json(args.json, report)
+    if cfg.json:
+        atomic_write_json(cfg.json, report)
     return report
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--deepspeed_config", required=True)
-    p.add_argument("--model", default="tiny", help="tiny|base|large (random init) or an HF BERT directory")
-    p.add_argument("--tokenizer", default=None, help="vocab for presets (default: 30522 tokens, BERT uncased size)")
-    p.add_argument("--seq-len", type=int, default=128, help="synthetic shards only")
-    p.add_argument("--micro-batch", type=int, default=None, help="override train_micro_batch_size_per_gpu")
-    p.add_argument("--min-fill", type=float, default=0.25)
-    p.add_argument("--shards", default=None, help="real shards instead of synthetic ones")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--only", choices=ENGINES, default=None)
-    p.add_argument("--compile", action="store_true", help="also measure ours_compiled (model.compile: true)")
-    p.add_argument("--json", default=None, help="also write the report here")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> EngineBenchConfig:
+    return parse(EngineBenchConfig, argv, prog="biobert bench engine", description=__doc__)
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -266,4 +291,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run(cli))

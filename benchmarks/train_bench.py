@@ -16,7 +16,6 @@ synchronized only at the ends of the timed window (a per-step sync would idle th
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -24,11 +23,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from biobert.config import check_choices, option, parse
+from biobert.errors import run
 from biobert.files import atomic_write_json
 
 if not torch.cuda.is_available():
@@ -39,34 +40,46 @@ DEFAULT_ENGINES = ("ours", "hf_baseline")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainBenchConfig:
-    model: str = "minilm"  # tiny|base|large (random init, 30522 vocab) or an HF BERT dir / "minilm" (weights loaded)
-    seq_len: int = 128  # synthetic shards only (real shards carry their own)
-    micro_batch: int = 8
-    grad_accum: int = 1  # micro-batches per optimizer step (steps/warmup count optimizer steps)
-    zero_stage: int = 0
-    precision: str = "fp32"
-    optimizer: str = "adamw"  # lamb is refused by our engine under ZeRO partitioning; adamw runs everywhere
-    lr: float = 1e-4
-    steps: int = 3  # timed optimizer steps
-    warmup: int = 1
-    shards: str | None = None  # data_prep output; None -> synthetic variable-length shards
-    min_fill: float = 0.25
-    threads: int | None = None  # torch CPU threads per rank (None: torch's default)
-    seed: int = 0
-    peak_tflops: float | None = None
-    engines: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINES))
+    """Our engine vs HF BertForPreTraining at any world size, fed by the live loader."""
+
+    model: str = option("minilm", "tiny | base | large (random init, 30522 vocab) or minilm / an HF BERT directory "
+                                  "(weights loaded)")
+    seq_len: int = option(128, "sequence length of the synthetic shards (real --shards carry their own)")
+    micro_batch: int = option(8, "samples per micro-batch per rank")
+    grad_accum: int = option(1, "micro-batches per optimizer step (--steps and --warmup count optimizer steps)")
+    zero_stage: int = option(0, "DeepSpeed ZeRO stage: 0 | 1 | 2 | 3", choices=(0, 1, 2, 3))
+    precision: str = option("fp32", "fp32 | bf16 | fp16", choices=PRECISIONS)
+    optimizer: str = option("adamw", "adamw | lamb (lamb is refused by our engine under ZeRO partitioning; adamw runs "
+                                     "everywhere)", choices=("adamw", "lamb"))
+    lr: float = option(1e-4, "learning rate")
+    steps: int = option(3, "timed optimizer steps per engine")
+    warmup: int = option(1, "untimed optimizer steps before the clock starts")
+    shards: str | None = option(None, "real data_prep shards (default: synthetic variable-length shards)")
+    min_fill: float = option(0.25, "synthetic shards: most lengths are uniform in [seq_len * min_fill, seq_len]")
+    threads: int | None = option(None, "torch CPU threads per rank (default: torch's choice)")
+    seed: int = option(0, "seeds the weights, the synthetic shards and the loader")
+    peak_tflops: float | None = option(None, "peak TFLOPS per device for MFU (default: the data-sheet figure, or a "
+                                             "matmul probe on CPU)")
+    engines: list[str] = option(factory=lambda: list(DEFAULT_ENGINES), help="engines to measure: ours, ours_compiled, hf_baseline",
+                                choices=ENGINES)
+    json: str | None = option(None, "rank 0 also writes the report here")
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} not in {PRECISIONS}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0..3, got {self.zero_stage}")
+        check_choices(self)
         if self.micro_batch < 1 or self.steps < 1 or self.warmup < 0 or self.grad_accum < 1:
             raise ValueError("micro_batch, grad_accum and steps must be >= 1, warmup >= 0")
-        if not set(self.engines) <= set(ENGINES) or not self.engines:
-            raise ValueError(f"engines must be a non-empty subset of {ENGINES}, got {self.engines}")
+        if not self.engines:
+            raise ValueError(f"engines: give at least one of {', '.join(ENGINES)}")
+        if self.seq_len < 8:
+            raise ValueError(f"seq_len must be >= 8, got {self.seq_len}")
+        if not 0 < self.min_fill <= 1:
+            raise ValueError(f"min_fill must be in (0, 1], got {self.min_fill}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"peak_tflops must be > 0, got {self.peak_tflops}")
 
     def ds_config(self, world_size: int) -> dict:
         ds = {"train_micro_batch_size_per_gpu": self.micro_batch, "gradient_accumulation_steps": self.grad_accum,
@@ -264,46 +277,31 @@ def main(cfg: TrainBenchConfig) -> dict:
         report["speedup"] = results["ours"]["samples_per_s"] / results["hf_baseline"]["samples_per_s"]
     if "ours_compiled" in results and "hf_baseline" in results:
         report["speedup_compiled"] = results["ours_compiled"]["samples_per_s"] / results["hf_baseline"]["samples_per_s"]
+    if cfg.json and rank == 0:
+        atomic_write_json(cfg.json, report)
     return report
 
 
-def parse_args(argv=None) -> tuple[TrainBenchConfig, str | None]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = TrainBenchConfig()
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--micro-batch", type=int, default=d.micro_batch)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--zero-stage", type=int, default=d.zero_stage)
-    p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
-    p.add_argument("--optimizer", default=d.optimizer, choices=("adamw", "lamb"))
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--shards", default=None)
-    p.add_argument("--min-fill", type=float, default=d.min_fill)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--engines", nargs="+", default=list(DEFAULT_ENGINES), choices=ENGINES)
-    p.add_argument("--json", default=None, help="rank 0 writes the report here")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    cfg = TrainBenchConfig(a.model, a.seq_len, a.micro_batch, a.grad_accum, a.zero_stage, a.precision, a.optimizer,
-                           steps=a.steps,
-                           warmup=a.warmup, shards=a.shards, min_fill=a.min_fill, threads=a.threads, seed=a.seed,
-                           peak_tflops=a.peak_tflops, engines=a.engines)
-    return cfg, a.json
+def parse_args(argv: list[str] | None = None) -> TrainBenchConfig:
+    return parse(TrainBenchConfig, argv, prog="biobert bench train", description=__doc__)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    cfg, out = parse_args(argv)
-    report = main(cfg)
+    report = main(parse_args(argv))
     import torch.distributed as tdist
 
-    if out and (not tdist.is_initialized() or tdist.get_rank() == 0):
-        atomic_write_json(out, report)
+    if not tdist.is_initialized() or tdist.get_rank() == 0:
+        print(f"device {report['device']} | world {report['world_size']} | {report['precision']} ZeRO "
+              f"{report['zero_stage']} | seq {report['seq_len']} | micro {report['micro_batch']} | "
+              f"fill {report['fill']:.2f} | peak {report['peak_tflops_per_device']:.3g} TFLOPS ({report['peak_source']})")
+        for name, r in report["results"].items():
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+            print(f"  {name:13s} {r['samples_per_s']:9.2f} samples/s  MFU {mfu}  data wait "
+                  f"{r['data_wait_fraction']:.1%}  peak memory {r['peak_memory_mb']:.0f} MB  [{r['engine']}]")
+        if "speedup" in report:
+            print(f"  speed-up (ours / HF baseline, samples/s): {report['speedup']:.2f}x")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run(cli))

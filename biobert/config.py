@@ -432,3 +432,21 @@ def parse_suite(cls, task_classes, argv: list[str] | None = None, *, prog: str, 
         print(dump_yaml({**to_dict(cfg), "task_settings": tasks}), end="")
         raise SystemExit(0)
     return cfg, tasks
+
+
+def parse_command(commands: dict[str, type], argv: list[str] | None = None, *, prog: str, description: str = ""):
+    """For tools with subcommands (``python -m launch.shard_parts slice|merge ...``): the first argument picks the
+    config class, the rest is parsed by ``parse`` (no ``--config``). -> an instance of the chosen class."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        width = max(map(len, commands))
+        print(f"usage: {prog} {{{','.join(commands)}}} [--help] ...\n\n{description.strip()}\n\ncommands:")
+        print("\n".join(f"  {name:<{width}}  {_describe(cls)}" for name, cls in commands.items()))
+        raise SystemExit(0)
+    if not argv or argv[0] not in commands:
+        got = f"unknown command {argv[0]!r}" if argv else "no command given"
+        close = difflib.get_close_matches(argv[0], list(commands), n=1) if argv else []
+        hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(commands)}"
+        raise ValueError(f"{prog}: {got}; {hint}")
+    cls = commands[argv[0]]
+    return parse(cls, argv[1:], prog=f"{prog} {argv[0]}", description=_describe(cls), config_file=False)

@@ -67,8 +67,9 @@ def parse_args(argv=None) -> DemoConfig:
 def prepare_data(args, out: Path) -> dict:
     from data_prep import demo
 
-    summary = demo.main(out / "shards", inputs=args.corpus, vocab=args.vocab, seq_len=args.seq_len,
-                        dupe_factor=args.dupe_factor, validation_fraction=args.validation_fraction)
+    summary = demo.main(demo.PrepDemoConfig(output_dir=str(out / "shards"), inputs=args.corpus, vocab=args.vocab,
+                                            seq_len=args.seq_len, dupe_factor=args.dupe_factor,
+                                            validation_fraction=args.validation_fraction))
     val = summary.get("validation") or {}
     return {"shard_dir": str(out / "shards"), "inputs": summary["inputs"],
             **{k: summary[k] for k in ("docs", "tokens", "instances", "shards")},

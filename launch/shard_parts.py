@@ -16,13 +16,15 @@ file lock; merging twice gives the same manifest).
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from biobert.config import option, parse_command
+from biobert.errors import run
 from data_prep import contract
-from data_prep.extract import DataError, find_inputs
+from data_prep.extract import find_inputs
 
 NOT_READY = 3
 _MUST_AGREE = ("seq_len", "max_predictions", "masking", "lower_case", "vocab_hash", "vocab_size", "tool_version",
@@ -103,40 +105,65 @@ def merge_validation(out: Path, dirs: list[Path], manifests: list[contract.Manif
         shards=[contract.ShardInfo(**{**vars(s), "file": f"{d.name}/{s.file}"}) for d, v in splits for s in v.shards])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("slice", help="print this task's input files")
-    s.add_argument("--task", type=int, required=True)
-    s.add_argument("--tasks", type=int, required=True)
-    s.add_argument("inputs", nargs="+")
-    m = sub.add_parser("merge", help="write OUT_DIR/manifest.json over the parts")
-    m.add_argument("out_dir")
-    m.add_argument("--parts", type=int, default=None, help="expected number of parts (array size)")
-    args = p.parse_args(argv)
-    if args.command == "slice":
-        try:
-            print("\n".join(map(str, slice_inputs(args.inputs, args.task, args.tasks))))
-        except (DataError, ValueError) as e:
-            print(f"shard_parts: {e}", file=sys.stderr)
-            return 2
-        return 0
-    out = Path(args.out_dir)
+@dataclass(kw_only=True)
+class SliceConfig:
+    """Print array task TASK's share of the input files, one per line."""
+
+    task: int = option(help="this array task's index, 0-based (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)")
+    tasks: int = option(help="number of array tasks (SLURM_ARRAY_TASK_COUNT)")
+    inputs: list[str] = option(help="input files or directories (directories expanded as data_prep expands them)",
+                               positional=True)
+
+    def __post_init__(self) -> None:
+        if self.tasks < 1:
+            raise ValueError(f"tasks must be >= 1, got {self.tasks}")
+        if not 0 <= self.task < self.tasks:
+            raise ValueError(f"task {self.task} is outside 0..{self.tasks - 1}")
+        if not self.inputs:
+            raise ValueError("no inputs given")
+
+
+@dataclass(kw_only=True)
+class MergeConfig:
+    """Write OUT_DIR/manifest.json over the parts OUT_DIR/part-NNNNN."""
+
+    out_dir: str = option(help="the dataset directory that holds part-00000, part-00001, ...", positional=True)
+    parts: int | None = option(None, "expected number of parts (the array size): merge only once all of them are "
+                                     "done, else exit 3 (default: merge the part-* directories there are)")
+
+    def __post_init__(self) -> None:
+        if self.parts is not None and self.parts < 1:
+            raise ValueError(f"parts must be >= 1, got {self.parts}")
+
+
+COMMANDS = {"slice": SliceConfig, "merge": MergeConfig}
+
+
+def main(cfg: SliceConfig | MergeConfig) -> list[Path] | contract.Manifest | None:
+    """slice: this task's input files. merge: the merged manifest, or None while some expected part is not done."""
+    if isinstance(cfg, SliceConfig):
+        return slice_inputs(cfg.inputs, cfg.task, cfg.tasks)
+    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".merge.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two tasks finishing together: one merges, the other rewrites the same
-        try:
-            merged = merge(out, args.parts)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"shard_parts: {e}", file=sys.stderr)
-            return 2
-    if merged is None:
-        print(f"shard_parts: {out}: not all {args.parts} parts are done yet; the last task to finish merges")
+        return merge(out, cfg.parts)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Exit 0 done, 3 merge: not all parts done yet, 2 a mistake (one line, via biobert.errors.run)."""
+    cfg = parse_command(COMMANDS, argv, prog="python -m launch.shard_parts", description=__doc__)
+    result = main(cfg)
+    if isinstance(cfg, SliceConfig):
+        print("\n".join(map(str, result)))
+        return 0
+    if result is None:
+        print(f"shard_parts: {cfg.out_dir}: not all {cfg.parts} parts are done yet; the last task to finish merges")
         return NOT_READY
-    print(f"shard_parts: {out}/manifest.json: {len(merged.shards)} shards, {merged.total_samples} samples from "
-          f"{len(merged.settings['merged_from'])} parts")
+    print(f"shard_parts: {cfg.out_dir}/manifest.json: {len(result.shards)} shards, {result.total_samples} samples "
+          f"from {len(result.settings['merged_from'])} parts")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(cli))

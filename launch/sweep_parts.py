@@ -10,11 +10,14 @@ OUT/sweep.{json,md}. `collect` exits 3 while some run has no metrics.json yet (t
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from biobert.config import option, parse_command
+from biobert.errors import run
 
 NOT_READY = 3
 
@@ -39,12 +42,12 @@ def collect(out_dir: str | Path, task: str, lrs: list[float], seeds: list[int]) 
     out, keys, runs = Path(out_dir), SCORES[task], []
     for lr in lrs:
         for seed in seeds:
-            run = out / run_dir_name(lr, seed)
+            run_dir = out / run_dir_name(lr, seed)
             try:
-                metrics = json.loads((run / "metrics.json").read_text())
+                metrics = json.loads((run_dir / "metrics.json").read_text())
             except FileNotFoundError:
                 return None
-            runs.append(run_record(lr, seed, str(run), metrics, keys))
+            runs.append(run_record(lr, seed, str(run_dir), metrics, keys))
     rows = aggregate(runs, keys)
     split = "test" if all(r["split"] == "test" for r in runs) else "dev"
     result = {"task": task, "split": split, "runs": runs, "table": rows}
@@ -53,41 +56,66 @@ def collect(out_dir: str | Path, task: str, lrs: list[float], seeds: list[int]) 
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--index", type=int, required=True)
-    c = sub.add_parser("collect")
-    c.add_argument("out_dir")
-    c.add_argument("--task", required=True)
-    for sp in (r, c):
-        sp.add_argument("--lrs", type=float, nargs="+", required=True)
-        sp.add_argument("--seeds", type=int, nargs="+", required=True)
-    args = p.parse_args(argv)
-    if args.command == "run":
-        try:
-            lr, seed = run_for_index(args.index, args.lrs, args.seeds)
-        except ValueError as e:
-            print(f"sweep_parts: {e}", file=sys.stderr)
-            return 2
-        print(f"{lr:g} {seed} {run_dir_name(lr, seed)}")
-        return 0
-    out = Path(args.out_dir)
+TASKS = ("ner", "re", "qa")  # = finetuning.evaluate_all.SCORES (not imported here: `run` stays torch-free)
+
+
+@dataclass(kw_only=True)
+class IndexConfig:
+    """Print "LR SEED DIRNAME" of array task INDEX's run."""
+
+    index: int = option(help="this array task's index, 0-based (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)")
+    lrs: list[float] = option(help="the sweep's learning rates")
+    seeds: list[int] = option(help="the sweep's seeds")
+
+    def __post_init__(self) -> None:
+        if not self.lrs or not self.seeds:
+            raise ValueError("give at least one learning rate (--lrs) and one seed (--seeds)")
+        run_for_index(self.index, self.lrs, self.seeds)  # the index must name a run: the --array range hint if not
+
+
+@dataclass(kw_only=True)
+class CollectConfig:
+    """Write OUT_DIR/sweep.{json,md} once every run has its metrics.json; exit 3 before that."""
+
+    out_dir: str = option(help="the sweep directory that holds the runs' lr{lr}_seed{seed} directories",
+                          positional=True)
+    task: str = option(help="the runs' task, ner | re | qa (its scores go in the table)", choices=TASKS)
+    lrs: list[float] = option(help="the sweep's learning rates")
+    seeds: list[int] = option(help="the sweep's seeds")
+
+    def __post_init__(self) -> None:
+        if not self.lrs or not self.seeds:
+            raise ValueError("give at least one learning rate (--lrs) and one seed (--seeds)")
+
+
+COMMANDS = {"run": IndexConfig, "collect": CollectConfig}
+
+
+def main(cfg: IndexConfig | CollectConfig) -> tuple[float, int] | dict | None:
+    """run: (lr, seed) of the array task. collect: the sweep table, or None while some run is not finished."""
+    if isinstance(cfg, IndexConfig):
+        return run_for_index(cfg.index, cfg.lrs, cfg.seeds)
+    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".collect.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            result = collect(out, args.task, args.lrs, args.seeds)
-        except ValueError as e:
-            print(f"sweep_parts: {e}", file=sys.stderr)
-            return 2
+        return collect(out, cfg.task, cfg.lrs, cfg.seeds)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Exit 0 done, 3 collect: some run not finished yet, 2 a mistake (one line, via biobert.errors.run)."""
+    cfg = parse_command(COMMANDS, argv, prog="python -m launch.sweep_parts", description=__doc__)
+    result = main(cfg)
+    if isinstance(cfg, IndexConfig):
+        lr, seed = result
+        print(f"{lr:g} {seed} {run_dir_name(lr, seed)}")
+        return 0
     if result is None:
-        print(f"sweep_parts: {out}: some runs are not finished; the last task to finish writes the table")
+        print(f"sweep_parts: {cfg.out_dir}: some runs are not finished; the last task to finish writes the table")
         return NOT_READY
-    print((out / "sweep.md").read_text(), end="")
+    print((Path(cfg.out_dir) / "sweep.md").read_text(), end="")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(cli))

@@ -40,7 +40,10 @@ def test_help_lists_every_stage(tmp_path):
 
 
 def config_classes():
+    from benchmarks.engine_bench import EngineBenchConfig
     from benchmarks.loader_bench import LoaderBenchConfig
+    from benchmarks.train_bench import TrainBenchConfig
+    from data_prep.demo import PrepDemoConfig
     from data_prep.run import PrepConfig
     from data_prep.validate import ValidateConfig
     from data_prep.vocab import VocabConfig
@@ -51,13 +54,16 @@ def config_classes():
     from finetuning.sweep import SweepConfig
     from launch.env import PlanConfig
     from launch.pipeline import DemoConfig
+    from launch.shard_parts import MergeConfig, SliceConfig
+    from launch.sweep_parts import CollectConfig, IndexConfig
     from pretraining.config import RunConfig
     from pretraining.convert import ConvertConfig
     from pretraining.export import ExportConfig
 
     return [PrepConfig, ValidateConfig, VocabConfig, RunConfig, ExportConfig, ConvertConfig, NERConfig, REConfig,
             QAConfig, SuiteConfig, SweepConfig, BioasqConfig, PlanConfig, DemoConfig, LoaderBenchConfig,
-            FinetuneBenchConfig]
+            FinetuneBenchConfig, EngineBenchConfig, TrainBenchConfig, PrepDemoConfig, SliceConfig, MergeConfig,
+            IndexConfig, CollectConfig]
 
 
 def test_every_setting_has_a_description():

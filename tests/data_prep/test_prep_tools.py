@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from benchmarks import prep_bench
+from biobert.errors import run as run_cli
 from data_prep import contract, demo, run, vocab
 from data_prep.wordpiece import load_wordpiece
 
@@ -30,10 +31,16 @@ def test_train_uncased_vocab(demo_corpus, tmp_path):
 
 
 def test_demo_main_prepares_the_shipped_pmc_articles(tmp_path, capsys):
-    out = demo.main(tmp_path / "demo")
+    out = demo.main(demo.PrepDemoConfig(output_dir=str(tmp_path / "demo")))
     assert out["docs"] == 5 and out["instances"] > 500 and out["check"]["samples"] == out["instances"]
     assert out["validation"]["documents"] == 1  # 5 articles at 1%: the rule "at least one from 4 on" holds one out
     assert "validate:" in capsys.readouterr().out
+    for argv, fragment in ((["--seq-len", "4"], "seq_len 4 out of range"),
+                           (["--validation-fraction", "0.9"], "validation_fraction must be in [0, 0.5]")):
+        assert run_cli(demo.cli, [*argv, "--output-dir", str(tmp_path / "bad")]) == 2
+        assert not (tmp_path / "bad").exists()  # refused before anything is written
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and fragment in err and "\n" not in err
     sources = (demo.DEMO_PMC / "SOURCES.md").read_text()
     for f in sorted(demo.DEMO_PMC.glob("*.nxml.gz")):  # every shipped article has its source and licence stated
         assert f"`{f.name}`" in sources

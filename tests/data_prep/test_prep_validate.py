@@ -14,7 +14,7 @@ from data_prep import contract, demo, validate
 @pytest.fixture(scope="module")
 def good_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("shards") / "good"
-    demo.main(d, dupe_factor=2, num_shards=2)
+    demo.main(demo.PrepDemoConfig(output_dir=str(d), dupe_factor=2, num_shards=2))
     return d
 
 
