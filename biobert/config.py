@@ -274,7 +274,7 @@ def to_dict(cfg) -> dict:
 
 
 def dump_yaml(data: dict) -> str:
-    return yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False, default_flow_style=False)
 
 
 # ---------------------------------------------------------------- command line
@@ -314,6 +314,8 @@ def _add_fields(parser, cls, prefix: str = "", group=None, skip: set | None = No
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else MISSING)
         text = meta.get("help", "")
+        if meta.get("choices"):
+            text += f" (one of: {', '.join(map(str, meta['choices']))})"
         text += " [required]" if default is MISSING else f" [default: {default}]"
         text = text.replace("%", "%%")
         kind, _ = _unwrap(hint)
