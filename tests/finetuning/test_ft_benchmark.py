@@ -57,6 +57,10 @@ def test_parity_targets_flag_score_collapse_and_speed():
     line = targets(rows)
     assert line.startswith("NER-sparse targets: score FAIL") and "no collapse FAIL (seed runs [2])" in line
     assert "speed ok (2.00x" in line
+    constant = [{**r, "collapsed": True} for r in _runs([0.39, 0.39], [30, 30])]  # majority class: F1 > 0
+    rows = summarise("ChemProt", "re", {"ours": constant, "hf_trainer": _runs([0.33, 0.32], [25, 25])})
+    line = targets(rows)
+    assert "no collapse FAIL (seed runs [1, 2])" in line and "ours collapsed in seed runs [1, 2]:" in line
     rows = summarise("ChemProt", "re", {"ours": _runs([0.50, 0.52], [30, 30]), "hf_trainer": _runs([0.50, 0.51], [25, 25])})
     assert targets(rows) == ("ChemProt targets: score ok (+0.0050, margin -0.005), no collapse ok, "
                              "speed FAIL (1.20x, target 1.5x)")
