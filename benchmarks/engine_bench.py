@@ -93,6 +93,18 @@ def hf_twin(ours) -> torch.nn.Module:
 ENGINES = ("ours", "ours_compiled", "hf_baseline")
 
 
+def check_workload(cfg) -> None:
+    """The settings the engine and training benchmarks share: sequence length, synthetic fill, threads, peak."""
+    if cfg.seq_len < 8:
+        raise ValueError(f"seq_len must be >= 8, got {cfg.seq_len}")
+    if not 0 < cfg.min_fill <= 1:
+        raise ValueError(f"min_fill must be in (0, 1], got {cfg.min_fill}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"threads must be >= 1, got {cfg.threads}")
+    if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
+        raise ValueError(f"peak_tflops must be > 0, got {cfg.peak_tflops}")
+
+
 @dataclass(kw_only=True)
 class EngineBenchConfig:
     """Our engine vs HF BertForPreTraining on the same preloaded batches, one process."""
@@ -119,16 +131,9 @@ class EngineBenchConfig:
         check_choices(self)
         if self.steps < 1 or self.warmup < 0:
             raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={self.steps} warmup={self.warmup}")
-        if self.seq_len < 8:
-            raise ValueError(f"seq_len must be >= 8, got {self.seq_len}")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
-        if not 0 < self.min_fill <= 1:
-            raise ValueError(f"min_fill must be in (0, 1], got {self.min_fill}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.peak_tflops is not None and self.peak_tflops <= 0:
-            raise ValueError(f"peak_tflops must be > 0, got {self.peak_tflops}")
+        check_workload(self)
         if self.only == "ours_compiled" and not self.compile:
             raise ValueError("--only ours_compiled measures nothing without --compile: add --compile")
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.engine_bench import check_workload
 from biobert.config import check_choices, option, parse
 from biobert.errors import run
 from biobert.files import atomic_write_json
@@ -72,14 +73,7 @@ class TrainBenchConfig:
             raise ValueError("micro_batch, grad_accum and steps must be >= 1, warmup >= 0")
         if not self.engines:
             raise ValueError(f"engines: give at least one of {', '.join(ENGINES)}")
-        if self.seq_len < 8:
-            raise ValueError(f"seq_len must be >= 8, got {self.seq_len}")
-        if not 0 < self.min_fill <= 1:
-            raise ValueError(f"min_fill must be in (0, 1], got {self.min_fill}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.peak_tflops is not None and self.peak_tflops <= 0:
-            raise ValueError(f"peak_tflops must be > 0, got {self.peak_tflops}")
+        check_workload(self)
 
     def ds_config(self, world_size: int) -> dict:
         ds = {"train_micro_batch_size_per_gpu": self.micro_batch, "gradient_accumulation_steps": self.grad_accum,
