@@ -23,6 +23,41 @@ def slurm_available() -> bool:
     return all(shutil.which(d) for d in DAEMONS[:4]) and os.geteuid() == 0
 
 
+def slurm_conf(root: Path, name: str, *, ctld_host: str, per_node: str, kill_wait: int, nodes: str) -> str:
+    """slurm.conf of a root-run test cluster under ``root`` (free ports, no munge, quick scheduling and requeue).
+    ``per_node``: the suffix that keeps several slurmd's spool, pid and log files apart ("-%n"), "" for one node;
+    ``nodes``: the NodeName and PartitionName lines."""
+    r, n = root, per_node
+    return f"""ClusterName={name}
+SlurmctldHost={ctld_host}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+AuthType=auth/none
+CredType=cred/none
+# a requeued job may start again only once its old credential expired (default 120 s): keep tests quick
+AuthInfo=cred_expire=5
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool{n}
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd{n}.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd{n}.log
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+MpiDefault=none
+JobRequeue=1
+KillWait={kill_wait}
+{nodes}
+"""
+
+
 class SlurmCluster:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -36,38 +71,11 @@ class SlurmCluster:
     def write_conf(self) -> None:
         for d in ("state", "spool", "log"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
-        r, h = self.root, self.host
-        self.conf.write_text(
-            f"""ClusterName=biobert-test
-SlurmctldHost={h}
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
-AuthType=auth/none
-CredType=cred/none
-# a requeued job may start again only once its old credential expired (default 120 s): keep tests quick
-AuthInfo=cred_expire=5
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
-SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
-SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=1,bf_interval=1
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-ReturnToService=2
-MpiDefault=none
-JobRequeue=1
-KillWait=30
-NodeName={h} CPUs={os.cpu_count()} State=UNKNOWN
-PartitionName=debug Nodes={h} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
-"""
-        )
+        h = self.host
+        self.conf.write_text(slurm_conf(
+            self.root, "biobert-test", ctld_host=h, per_node="", kill_wait=30,
+            nodes=f"NodeName={h} CPUs={os.cpu_count()} State=UNKNOWN\n"
+                  f"PartitionName=debug Nodes={h} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"))
 
     def start(self, timeout: float = 30.0) -> SlurmCluster:
         self.write_conf()

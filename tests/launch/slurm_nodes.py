@@ -21,9 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from slurm_cluster import SlurmCluster, slurm_available
-
-from biobert.files import free_port
+from slurm_cluster import SlurmCluster, slurm_available, slurm_conf
 
 PREFIX = "bbt"  # names of our bridges/veths/namespaces: bbt<pid>...; a dead pid's leftovers are removed at start
 
@@ -94,39 +92,10 @@ class NodeCluster(SlurmCluster):
     def write_conf(self) -> None:
         for d in ("state", "log", *(f"spool-{n}" for n in self.names)):
             (self.root / d).mkdir(parents=True, exist_ok=True)
-        r = self.root
         nodes = "\n".join(f"NodeName={n} NodeAddr={a} CPUs={self.cpus} State=UNKNOWN" for n, a in self.addr.items())
-        self.conf.write_text(
-            f"""ClusterName=biobert-nodes
-SlurmctldHost={self.host}({self.gateway})
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
-AuthType=auth/none
-CredType=cred/none
-# a requeued job may start again only once its old credential expired (default 120 s): keep tests quick
-AuthInfo=cred_expire=5
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool-%n
-SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd-%n.pid
-SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd-%n.log
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=1,bf_interval=1
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-ReturnToService=2
-MpiDefault=none
-JobRequeue=1
-KillWait=10
-{nodes}
-PartitionName=debug Nodes={','.join(self.names)} Default=YES MaxTime=INFINITE State=UP
-"""
-        )
+        self.conf.write_text(slurm_conf(
+            self.root, "biobert-nodes", ctld_host=f"{self.host}({self.gateway})", per_node="-%n", kill_wait=10,
+            nodes=f"{nodes}\nPartitionName=debug Nodes={','.join(self.names)} Default=YES MaxTime=INFINITE State=UP"))
         hosts = ["127.0.0.1 localhost", f"{self.gateway} {self.host}", *(f"{a} {n}" for n, a in self.addr.items())]
         (self.root / "hosts").write_text("\n".join(hosts) + "\n")
         self.agent.write_text(
@@ -135,7 +104,7 @@ PartitionName=debug Nodes={','.join(self.names)} Default=YES MaxTime=INFINITE St
 # shell's minimal environment, nothing inherited from the caller (so launchers must forward what ranks need).
 while [ "${{1#-}}" != "$1" ]; do case $1 in -o|-p|-l|-i|-F) shift 2 ;; *) shift ;; esac; done
 node=$1; shift
-pid=$(cat "{r}/slurmd-$node.pid") || exit 255
+pid=$(cat "{self.root}/slurmd-$node.pid") || exit 255
 exec nsenter --target "$pid" --net --uts --mount -- env -i HOME=/root USER=root LOGNAME=root SHELL=/bin/bash \\
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin /bin/bash -c "$*"
 """
