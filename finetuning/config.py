@@ -189,12 +189,6 @@ def _check_recipe(recipe: str) -> None:
         raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
 
 
-def make_config(cls: type[_Cfg], recipe: str = "quick", **values) -> _Cfg:
-    """``cls`` with the recipe's values for its task under the explicitly given ``values``."""
-    _check_recipe(recipe)
-    return cls(**{**RECIPES[recipe].get(cls.task, {}), **values, "recipe": recipe})
-
-
 def build_task(cls: type[_Cfg], values: dict, where: str = "") -> _Cfg:
     """``cls`` from raw values (strings from a suite's pass-through flags allowed) over their recipe's values."""
     recipe = values.get("recipe", "quick")
@@ -233,8 +227,3 @@ def to_dict(cfg: FinetuneConfig) -> dict:
 
 def field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
-
-
-def default_of(cls, name: str):
-    """A field's default (for scripts that need e.g. a task's default learning rate without a full config)."""
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)

@@ -32,7 +32,7 @@ def test_cli_error_is_a_message():
 
 
 def test_recipes_are_data_applied_under_explicit_flags():
-    from finetuning.config import RECIPES, make_config, parse_task
+    from finetuning.config import RECIPES, build_task, parse_task
 
     quick = parse_task(NERConfig, ["--data", "d"], prog="t")
     assert quick.recipe == "quick" and quick.epochs == 5.0 and quick.max_seq_len == 128 and quick.warmup_ratio == 0
@@ -41,13 +41,13 @@ def test_recipes_are_data_applied_under_explicit_flags():
     assert paper.warmup_ratio == 0.1
     flag_wins = parse_task(NERConfig, ["--data", "d", "--recipe=biobert", "--epochs", "4"], prog="t")
     assert (flag_wins.epochs, flag_wins.max_seq_len) == (4.0, 192)  # a flag beats the recipe, the rest stays
-    qa = make_config(QAConfig, "biobert", data="d")
+    qa = build_task(QAConfig, {"recipe": "biobert", "data": "d"})
     assert (qa.batch_size, qa.learning_rate, qa.max_seq_len) == (12, 8e-6, 384)
-    assert make_config(REConfig, "biobert", data="d").epochs == RECIPES["biobert"]["re"]["epochs"]
+    assert build_task(REConfig, {"recipe": "biobert", "data": "d"}).epochs == RECIPES["biobert"]["re"]["epochs"]
     with pytest.raises(ValueError, match="recipe must be one of quick, biobert, got 'fast'"):
         parse_task(NERConfig, ["--data", "d", "--recipe", "fast"], prog="t")
     with pytest.raises(ValueError, match="recipe"):
-        make_config(NERConfig, "fast", data="d")
+        build_task(NERConfig, {"recipe": "fast", "data": "d"})
 
 
 def test_suite_builds_tasks_over_their_recipe():
