@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from biobert import tracking
-from biobert.config import build, check_choices, option, parse
+from biobert.config import build, check_choices, option, parse, read_file
 
 
 @dataclass(kw_only=True)
@@ -197,14 +197,22 @@ def build_task(cls: type[_Cfg], values: dict, where: str = "") -> _Cfg:
 
 
 def recipe_in(argv: list[str]) -> str:
-    """The recipe named on a command line (``--recipe X``, ``--recipe=X`` or ``recipe=X``), else "quick": it decides
-    the values the other flags are laid over, so it is read before the full parse."""
-    recipe = "quick"
+    """The recipe named on a command line (``--recipe X``, ``--recipe=X`` or ``recipe=X``), else in its ``--config``
+    file, else "quick": it decides the values the other settings are laid over, so it is read before the full parse."""
+    recipe, config_file = None, None
     for i, item in enumerate(argv):
-        if item == "--recipe" and i + 1 < len(argv):
-            recipe = argv[i + 1]
+        value = argv[i + 1] if i + 1 < len(argv) else None
+        if item == "--recipe":
+            recipe = value
         elif item.startswith(("--recipe=", "recipe=")):
             recipe = item.split("=", 1)[1]
+        elif item == "--config":
+            config_file = value
+        elif item.startswith("--config="):
+            config_file = item.split("=", 1)[1]
+    if recipe is None and config_file:
+        recipe = read_file(config_file).get("recipe")
+    recipe = recipe or "quick"
     _check_recipe(recipe)
     return recipe
 

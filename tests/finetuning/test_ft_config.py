@@ -50,6 +50,17 @@ def test_recipes_are_data_applied_under_explicit_flags():
         build_task(NERConfig, {"recipe": "fast", "data": "d"})
 
 
+def test_a_recipe_named_in_the_config_file_sets_its_values(tmp_path):
+    from finetuning.config import parse_task
+
+    (tmp_path / "run.yaml").write_text("recipe: biobert\nlearning_rate: 3e-5\n")
+    cfg = parse_task(NERConfig, ["--data", "d", "--config", str(tmp_path / "run.yaml")], prog="t")
+    assert (cfg.recipe, cfg.epochs, cfg.max_seq_len, cfg.learning_rate) == ("biobert", 20.0, 192, 3e-5)
+    flag_wins = parse_task(NERConfig, ["--data", "d", f"--config={tmp_path / 'run.yaml'}", "--recipe", "quick"],
+                           prog="t")
+    assert (flag_wins.recipe, flag_wins.epochs, flag_wins.learning_rate) == ("quick", 5.0, 3e-5)
+
+
 def test_suite_builds_tasks_over_their_recipe():
     from finetuning.config import build_task
 
