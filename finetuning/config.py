@@ -99,6 +99,10 @@ class FinetuneConfig:
         return os.path.join(self.output_dir, *parts)
 
 
+_CLASSIFIER_BIAS_HELP = ("a fresh classifier's starting bias: prior (log of the training labels' frequencies, so a rare "
+                         "class is not first pushed away) or zero (BERT's and HF's init)")
+
+
 @dataclass(kw_only=True)
 class NERConfig(FinetuneConfig):
     """Named entity recognition: token-per-line files, entity-level P/R/F1 (conlleval)."""
@@ -113,6 +117,7 @@ class NERConfig(FinetuneConfig):
     # solution of a sparse entity type into the steps where the decaying learning rate is small (finetuning/README.md).
     # RE and QA keep BERT's 10%: without it a short run at a high rate can end on the majority class.
     warmup_ratio: float = option(0.0, "fraction of the optimizer steps spent warming the learning rate up from 0")
+    classifier_bias: str = option("prior", _CLASSIFIER_BIAS_HELP, choices=("prior", "zero"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,6 +134,7 @@ class REConfig(FinetuneConfig):
     negative_label: str | None = option(None, "the negative class (default: '0' for 0/1 data, 'false' when present, "
                                               "else none)")
     save_fold_models: bool = option(False, "with --cv-folds, also save each fold's model")
+    classifier_bias: str = option("prior", _CLASSIFIER_BIAS_HELP, choices=("prior", "zero"))
 
     def __post_init__(self) -> None:
         super().__post_init__()

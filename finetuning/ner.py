@@ -27,7 +27,7 @@ from finetuning.common import (
     trained_labels,
 )
 from finetuning.config import NERConfig, parse_task, to_dict
-from finetuning.heads import BertForTokenClassification, load_head, resolve_model
+from finetuning.heads import BertForTokenClassification, has_classifier_for, load_head, resolve_model, set_prior_bias
 from finetuning.metrics import ner_scores
 from finetuning.ner_data import TAG_PATTERN, NERFile, conll_text, convert_tags, encode_sentences, label_list, read_conll
 from finetuning.trainer import fit, predict, setup_runtime
@@ -119,6 +119,8 @@ def main(cfg: NERConfig) -> dict:
                      "test_source": test.path if test is not None else None}
     if cfg.do_train:
         feats, _ = task.features(train, with_labels=True)
+        if cfg.classifier_bias == "prior" and not has_classifier_for(model_dir, labels):
+            metrics["classifier_prior"] = set_prior_bias(model.classifier, (i for f in feats for i in f["labels"]))
         use_dev = dev is not None and cfg.do_eval and cfg.select_on_dev
         metrics["train"] = fit(model, feats, cfg, rt, (lambda m: task.evaluate(m, dev, rt)[0]) if use_dev else None,
                                select="f1", desc="ner")

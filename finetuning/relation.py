@@ -31,7 +31,7 @@ from finetuning.common import (
     trained_labels,
 )
 from finetuning.config import REConfig, parse_task, to_dict
-from finetuning.heads import BertForSequenceClassification, load_head, resolve_model
+from finetuning.heads import BertForSequenceClassification, has_classifier_for, load_head, resolve_model, set_prior_bias
 from finetuning.metrics import classification_scores
 from finetuning.relation_data import (
     REExample,
@@ -76,7 +76,10 @@ def run_split(cfg: REConfig, rt: Runtime, task: RETask, model_dir, train, dev, t
     result: dict = {}
     if train is not None:
         evaluate = (lambda m: task.evaluate(m, dev, rt)[0]) if dev and cfg.do_eval and cfg.select_on_dev else None
-        result["train"] = fit(model, task.features(train), cfg, rt, evaluate, select="f1", desc="re", out_dir=out_dir)
+        feats = task.features(train)
+        if cfg.classifier_bias == "prior" and not has_classifier_for(model_dir, task.labels):
+            result["classifier_prior"] = set_prior_bias(model.classifier, (f["labels"] for f in feats))
+        result["train"] = fit(model, feats, cfg, rt, evaluate, select="f1", desc="re", out_dir=out_dir)
     model.to(rt.device)
     for name, examples, wanted in (("dev", dev, cfg.do_eval), ("test", test, cfg.do_predict)):
         if examples and wanted:

@@ -225,14 +225,14 @@ def fit(
         )
     out_dir = out_dir or cfg.output_dir
     tracker = curves.start_tracker(cfg, rt, out_dir, desc)
-    step, seen, train_time = 0, 0, 0.0
+    step, seen, train_time, cpu_time = 0, 0, 0.0, 0.0
     history, best, best_state, best_epoch = [], None, None, None
     curve, every, window = [], max(1, total_steps // CURVE_POINTS), []  # the loss curve: ~CURVE_POINTS points a run
     for epoch in range(math.ceil(cfg.epochs)):
         batches = make_batches(lengths, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, bucket=cfg.bucket_by_length)
         mine = batches[rt.rank :: rt.world_size][:per_rank]  # equal step counts on every rank
         model.train()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         bar = tqdm(mine, desc=f"{desc} epoch {epoch + 1}", leave=False, disable=not (cfg.progress and rt.is_main))
         loss_sum, n_loss = 0.0, 0
         for idx in bar:
@@ -266,6 +266,7 @@ def fit(
             if n_loss % 10 == 0:
                 bar.set_postfix(loss=f"{loss_sum / n_loss:.4f}")
         train_time += time.perf_counter() - t0
+        cpu_time += time.process_time() - c0
         record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(1, n_loss)}
         if evaluate is not None:
             scores = evaluate(model)
@@ -291,6 +292,8 @@ def fit(
         "train_examples_seen": seen,
         "train_seconds": train_time,
         "train_examples_per_s": seen / train_time if train_time else 0.0,
+        # this process's CPU time (all its threads): a speed figure other jobs on the machine do not distort
+        "train_cpu_seconds": cpu_time,
     }
     if rt.is_main:
         result["plot"] = curves.plot(os.path.join(out_dir, curves.PNG), curve, history,

@@ -61,6 +61,8 @@ def test_re_learns_on_gad_with_header_and_index_tsv(shared_data, minilm_dir, tmp
     assert m["negative_label"] == "0" and m["labels"] == ["0", "1"]
     assert m["accuracy"] > majority + 0.08, (m["accuracy"], majority, m["train"]["history"])
     assert m["collapsed"] is False
+    n_positive = sum(e.label == "1" for e in examples[:300])  # the fresh classifier started at the training prior
+    assert m["classifier_prior"] == pytest.approx([(301 - n_positive) / 302, (n_positive + 1) / 302])
     rows = (tmp_path / "out/test_predictions.tsv").read_text().splitlines()
     assert rows[0] == "index\tline\tgold\tprediction\tsentence" and len(rows) == 201 and rows[1].startswith("0\t2\t")
     assert [r.split("\t")[2] for r in rows[1:]] == [e.label for e in test]

@@ -9,19 +9,22 @@ from finetuning.benchmark import FinetuneBenchConfig, main, markdown, summarise,
 from finetuning.config import TASK_CONFIGS
 
 
-def _runs(f1s, speeds):
-    return [{"precision": f, "recall": f, "f1": f, "train_examples_per_s": s} for f, s in zip(f1s, speeds)]
+def _runs(f1s, speeds, cpu_speeds=None):
+    return [{"precision": f, "recall": f, "f1": f, "train_examples_per_s": s, "train_examples_per_cpu_s": c}
+            for f, s, c in zip(f1s, speeds, cpu_speeds or speeds)]
 
 
 def test_summary_mean_std_and_verdict():
-    rows = summarise("NCBI-disease", "ner", {"ours": _runs([0.60, 0.64, 0.62], [50, 48, 52]),
-                                             "hf_trainer": _runs([0.58, 0.60, 0.62], [25, 25, 25])})
+    rows = summarise("NCBI-disease", "ner", {"ours": _runs([0.60, 0.64, 0.62], [50, 48, 52], [30, 30, 30]),
+                                             "hf_trainer": _runs([0.58, 0.60, 0.62], [25, 25, 25], [20, 20, 20])})
     ours, hf = rows
     assert ours["f1"] == pytest.approx(0.62) and ours["f1_std"] == pytest.approx(0.02)  # sample std (ddof=1)
     assert hf["train_examples_per_s_std"] == 0.0 and ours["seeds"] == 3 and len(ours["runs"]) == 3
     line = verdict(rows)
-    assert "f1 +0.0200 (+1.0 std) over 3 seed(s)" in line and "2.00x" in line
-    assert "| NCBI-disease | ours | 3 | 0.6200 ± 0.0200 |" in markdown(rows)
+    # on a CPU the ratio is read on CPU time (1.5x here), not on the load-sensitive wall clock (2x)
+    assert "f1 +0.0200 (+1.0 std) over 3 seed(s)" in line and line.endswith("training speed 1.50x (CPU time)")
+    assert "| NCBI-disease | ours | 3 | 0.6200 ± 0.0200 | 0.6200 ± 0.0200 | 0.6200 ± 0.0200 | 50.0 ± 2.0 | 30.0 ± 0.0 |" \
+        in markdown(rows)
 
 
 def test_two_seeds_both_systems_end_to_end(minilm_dir, tmp_path):
@@ -42,7 +45,7 @@ def test_two_seeds_both_systems_end_to_end(minilm_dir, tmp_path):
     assert [r["system"] for r in result] == ["ours", "hf_trainer"]
     saved = json.loads((out / "benchmark.json").read_text())
     for row in saved["rows"]:
-        assert len(row["runs"]) == 2 and row["train_examples_per_s"] > 0
+        assert len(row["runs"]) == 2 and row["train_examples_per_s"] > 0 and row["train_examples_per_cpu_s"] > 0
         assert row["f1"] == pytest.approx(sum(r["f1"] for r in row["runs"]) / 2)
     assert saved["verdicts"][0].startswith("NCBI-disease: ours - HF Trainer f1")
     assert saved["config"]["batch_size"] == "6"  # config flags reach both systems
