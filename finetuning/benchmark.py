@@ -51,6 +51,9 @@ def _hf_args(cfg, out_dir: str):
     )
 
 
+SPEEDS = ("train_examples_per_s", "train_examples_per_cpu_s")
+
+
 def _speeds(n_examples: float, wall_s: float, cpu_s: float) -> dict:
     """Training examples per second of wall time and per second of this process's CPU time (all threads)."""
     return {"train_examples_per_s": n_examples / wall_s, "train_examples_per_cpu_s": n_examples / max(cpu_s, 1e-9)}
@@ -235,9 +238,6 @@ def hf_qa(cfg, model_dir: Path) -> dict:
 
 
 BASELINES = {"ner": hf_ner, "re": hf_re, "qa": hf_qa}
-
-
-SPEEDS = ("train_examples_per_s", "train_examples_per_cpu_s")
 
 
 def _our_speeds(metrics: dict) -> dict:

@@ -106,12 +106,14 @@ def checkpoint_keys(model_dir: str | Path) -> set[str]:
     return set()
 
 
-def has_classifier_for(model_dir: str | Path, labels: list[str]) -> bool:
-    """Whether ``model_dir`` holds a trained classifier for exactly these classes in this order."""
-    if "classifier.weight" not in checkpoint_keys(model_dir):
-        return False
+def _saved_labels_are(model_dir: str | Path, labels: list[str]) -> bool:
     config = BertConfig.from_json_file(str(Path(model_dir) / "config.json"))
     return [config.id2label.get(i) for i in range(len(config.id2label))] == list(labels)
+
+
+def has_classifier_for(model_dir: str | Path, labels: list[str]) -> bool:
+    """Whether ``model_dir`` holds a trained classifier for exactly these classes in this order."""
+    return "classifier.weight" in checkpoint_keys(model_dir) and _saved_labels_are(model_dir, labels)
 
 
 def load_head(model_dir: str | Path, head_cls: type[nn.Module], labels: list[str] | None = None) -> nn.Module:
@@ -122,7 +124,7 @@ def load_head(model_dir: str | Path, head_cls: type[nn.Module], labels: list[str
     overrides = {}
     if labels is not None:
         overrides = {"id2label": dict(enumerate(labels)), "label2id": {lab: i for i, lab in enumerate(labels)}}
-        if "classifier.weight" in checkpoint_keys(model_dir) and not has_classifier_for(model_dir, labels):
+        if "classifier.weight" in checkpoint_keys(model_dir) and not _saved_labels_are(model_dir, labels):
             # A classifier fine-tuned on another label set would be a shape mismatch: start it afresh instead.
             return _load_without(model_dir, head_cls, overrides, prefix="classifier.")
     return load_pretrained(model_dir, model_cls=head_cls, **overrides)
@@ -133,8 +135,8 @@ def set_prior_bias(classifier: nn.Linear, label_ids) -> list[float]:
 
     With BERT's small weight init the logits are then the prior for every input, so the summed gradient on the bias is
     zero and the first steps learn what tells the classes apart. From zero (uniform) logits on a sparse NER set the
-    first steps instead push every token towards "O" -- the common-mode part of the gradient, ~9 in 10 tokens strong,
-    also flows into the encoder -- and the run must climb back out of that all-"O" basin before it predicts an entity
+    first steps instead push every token towards "O" -- the common-mode part of the gradient (98% of the labelled
+    tokens on a set with 12% entity sentences) also flows into the encoder -- and the run must climb back out of that all-"O" basin before it predicts an entity
     (finetuning/README.md, "Low-resource runs"). Returns the prior.
     """
     ids = torch.as_tensor([i for i in label_ids if i >= 0], dtype=torch.long)

@@ -48,7 +48,7 @@ def _tiny_ner(path):
     rows = []
     for i, (a, b) in enumerate([("cancer", "fever"), ("asthma", "pain"), ("colitis", "cough")] * 4):
         for token in sentence.format(a, b).split():
-            rows.append(f"{token}\t{'B-Disease' if token in (a,) and i % 2 == 0 else 'O'}\n")
+            rows.append(f"{token}\t{'B-Disease' if token == a and i % 2 == 0 else 'O'}\n")
         rows.append("\n")
     (path / "train.tsv").write_text("".join(rows))
     return path
